@@ -1,0 +1,40 @@
+# `make test` builds .venv (the WebUI 1.10.1 stack plus ours, CPU torch pinned) if missing, then runs every test.
+# `make demo` runs the whole loop offline: dataset -> train -> export -> load -> generate.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+PIN := -c requirements/constraints.txt
+export GRADIO_ANALYTICS_ENABLED := False
+export NO_ALBUMENTATIONS_UPDATE := 1
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export DISABLE_TELEMETRY := 1
+
+.PHONY: test demo venv bench browser-deps clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements/test.txt requirements/constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade "pip>=24" wheel
+	$(PIP) install $(PIN) -r requirements/test.txt
+	# The WebUI's own ldm package and the CLIP BPE file; both hard-pin an old stack, so no deps.
+	$(PIP) install $(PIN) --no-deps stable-diffusion-sdkit==2.1.5 open_clip_torch==2.20.0
+	touch $@
+
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium missing: browser tests will be skipped"; }
+
+test: venv browser-deps
+	@$(PY) -m pytest -q -p no:cacheprovider tests; status=$$?; \
+	if [ $$status = 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$status
+
+demo: venv
+	$(PY) -m lib_controlnet demo --out demo-output
+
+bench: venv
+	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) demo-output
