@@ -1,0 +1,151 @@
+"""Small random-weight Stable Diffusion parts built from configs: for tests, benchmarks and the offline demo.
+
+Each family keeps the structure that matters to ControlNet (number of residuals, attention layout, linear
+vs conv projections, SDXL's added embeddings) at a fraction of the size. Channels are multiples of 32
+because the WebUI's ldm UNet hard-codes GroupNorm(32).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from lib_controlnet.settings import SHIPPED_CONFIGS_DIR
+
+TOKENIZER_DIR = SHIPPED_CONFIGS_DIR / "clip_tokenizer"
+
+_UNET_BASE = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    norm_num_groups=32,
+    cross_attention_dim=32,
+    block_out_channels=(32, 32, 64, 64),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=2,
+)
+
+UNET_CONFIGS = {
+    # SD1.x: 12 + 1 residuals, 1x1 conv proj_in/out, fixed head count.
+    "sd15": dict(_UNET_BASE),
+    # SD2.x: linear proj_in/out, per-block head dims.
+    "sd2": dict(_UNET_BASE, cross_attention_dim=64, use_linear_projection=True, attention_head_dim=(2, 2, 4, 4)),
+    # SDXL: 3 levels (9 + 1 residuals), transformer depth per level, text_time added embedding.
+    "sdxl": dict(
+        _UNET_BASE,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2),
+        cross_attention_dim=64,
+        use_linear_projection=True,
+        attention_head_dim=(2, 4, 4),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=8 * 6 + 32,  # 6 size/crop numbers + pooled text (32)
+    ),
+}
+
+FAMILIES = tuple(UNET_CONFIGS)
+
+
+def unet_config(family: str) -> dict:
+    return copy.deepcopy(UNET_CONFIGS[family])
+
+
+def _randomize_zero_layers(model: torch.nn.Module, seed: int) -> None:
+    """Give every parameter a non-zero random value, so zero-initialised outputs carry signal in tests."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.abs().sum() == 0:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+
+
+def tiny_unet(family: str = "sd15", seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**unet_config(family))
+    _randomize_zero_layers(unet, seed)
+    return unet.eval()
+
+
+def tiny_controlnet(family: str = "sd15", seed: int = 1, unet=None, randomize_zero_convs: bool = True):
+    """A ControlNet shaped like `family`'s UNet encoder. Zero convs get random values unless asked not to,
+    so that its residuals are not all zero."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    if unet is not None:
+        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 96, 256))
+    else:
+        config = unet_config(family)
+        keep = {"in_channels", "block_out_channels", "down_block_types", "layers_per_block", "norm_num_groups",
+                "cross_attention_dim", "attention_head_dim", "use_linear_projection", "transformer_layers_per_block",
+                "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim"}
+        kwargs = {k: v for k, v in config.items() if k in keep}
+        controlnet = ControlNetModel(conditioning_embedding_out_channels=(16, 32, 96, 256), **kwargs)
+    if randomize_zero_convs:
+        _randomize_zero_layers(controlnet, seed)
+    return controlnet.eval()
+
+
+def tiny_vae(seed: int = 2):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    # Four levels, so latents are 1/8 of the image as in SD and the ControlNet hint embedding fits.
+    return AutoencoderKL(
+        block_out_channels=(32, 32, 64, 64), layers_per_block=1, in_channels=3, out_channels=3, latent_channels=4,
+        norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        sample_size=128,
+    ).eval()
+
+
+def tiny_text_encoder(hidden_size: int = 32, seed: int = 3):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=49408, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+        pad_token_id=49407, projection_dim=hidden_size,
+    )
+    return CLIPTextModel(config).eval()
+
+
+def tokenizer():
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), local_files_only=True)
+
+
+def scheduler():
+    """SD1.5's own scheduler settings (PNDM, scaled-linear betas)."""
+    from diffusers import PNDMScheduler
+
+    return PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
+
+
+def tiny_sd_components(family: str = "sd15", seed: int = 0) -> dict:
+    """Everything a StableDiffusion(ControlNet)Pipeline needs except the ControlNet, for sd15 / sd2."""
+    if family == "sdxl":
+        raise ValueError("tiny_sd_components builds SD1/SD2 pipelines; SDXL needs two text encoders")
+    unet = tiny_unet(family, seed)
+    return dict(
+        unet=unet, vae=tiny_vae(seed + 2), text_encoder=tiny_text_encoder(unet.config.cross_attention_dim, seed + 3),
+        tokenizer=tokenizer(), scheduler=scheduler(), safety_checker=None, feature_extractor=None,
+    )
+
+
+def save_tiny_diffusers_base(path, family: str = "sd15", seed: int = 0):
+    """Write a complete diffusers folder (model_index.json and parts) that loads with from_pretrained offline."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(**tiny_sd_components(family, seed), requires_safety_checker=False)
+    pipe.save_pretrained(str(path), safe_serialization=True)
+    return path
