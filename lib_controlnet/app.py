@@ -1,0 +1,130 @@
+"""The standalone app: the ControlNet panel with generation on diffusers, the Dataset and Train tabs, and the
+same HTTP routes as inside the WebUI (plus `/sdapi/v1/txt2img`), on one FastAPI server."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+from pathlib import Path
+from typing import Optional
+
+import gradio as gr
+from fastapi import FastAPI
+
+from lib_controlnet import api
+from lib_controlnet.errors import UserError
+from lib_controlnet.settings import EXTENSION_ROOT, get_settings
+from lib_controlnet.ui.control_panel import PanelOptions, build_control_panel
+from lib_controlnet.ui.unit_args import units_from_args
+from lib_controlnet.unit import ControlUnitError
+
+log = logging.getLogger(__name__)
+
+JAVASCRIPT_DIR = EXTENSION_ROOT / "javascript"
+STYLE_FILE = EXTENSION_ROOT / "style.css"
+
+
+class NoBaseModelError(UserError):
+    pass
+
+
+@dataclasses.dataclass
+class AppOptions:
+    base: Optional[Path] = None  # a diffusers folder or a single-file SD checkpoint
+    unit_count: Optional[int] = None  # None: the setting
+
+
+class StandaloneGenerator:
+    """Runs GenerationJobs on the diffusers host (lib_controlnet.generate), one at a time."""
+
+    def __init__(self, base: Optional[Path]):
+        self.base = Path(base) if base else None
+
+    def __call__(self, job: api.GenerationJob) -> api.GenerationOutput:
+        from lib_controlnet import generate
+
+        if self.base is None:
+            raise NoBaseModelError("No base model: start the server with --base PATH (a diffusers folder or an "
+                                   "SD checkpoint).")
+        seed = job.seed if job.seed is not None and job.seed >= 0 else random.randrange(2**32)
+        request = generate.GenerationRequest(
+            base=self.base, prompt=job.prompt, negative_prompt=job.negative_prompt, steps=job.steps,
+            width=job.width, height=job.height, seed=seed, guidance_scale=job.cfg_scale,
+            batch_size=job.batch_size, units=[u for u in job.units if u.is_active],
+        )
+        result = generate.generate(request)
+        return api.GenerationOutput(images=list(result.images), detected_maps=list(result.detected_maps),
+                                    infotexts=list(result.infotexts), seed=seed)
+
+
+def _javascript() -> str:
+    # The WebUI loads javascript/*.js itself; here gradio runs them once the page is up.
+    parts = [p.read_text(encoding="utf-8") for p in sorted(JAVASCRIPT_DIR.glob("*.js"))]
+    return "() => {\n" + "\n".join(parts) + "\n}"
+
+
+def _mount_optional_tab(title: str, module: str, builder: str) -> None:
+    with gr.Tab(title, elem_id=f"tab_{title.lower()}"):
+        try:
+            build = getattr(__import__(module, fromlist=[builder]), builder)
+        except (ImportError, AttributeError) as error:
+            gr.Markdown(f"The {title} tab is not available in this build ({error}).")
+            return
+        build()
+
+
+def build_blocks(generator: StandaloneGenerator, unit_count: int) -> gr.Blocks:
+    css = STYLE_FILE.read_text(encoding="utf-8") if STYLE_FILE.exists() else None
+    with gr.Blocks(title="ControlNet Studio", css=css, analytics_enabled=False) as demo:
+        with gr.Tabs(elem_id="tabs"):
+            with gr.Tab("txt2img", elem_id="tab_txt2img"):
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        prompt = gr.Textbox(label="Prompt", lines=2, elem_id="txt2img_prompt")
+                        negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="txt2img_neg_prompt")
+                        with gr.Row():
+                            width = gr.Slider(64, 2048, value=512, step=8, label="Width", elem_id="txt2img_width")
+                            height = gr.Slider(64, 2048, value=512, step=8, label="Height",
+                                               elem_id="txt2img_height")
+                        with gr.Row():
+                            steps = gr.Slider(1, 150, value=20, step=1, label="Sampling steps",
+                                              elem_id="txt2img_steps")
+                            cfg = gr.Slider(1, 30, value=7.5, step=0.5, label="CFG Scale", elem_id="txt2img_cfg_scale")
+                            seed = gr.Number(value=-1, precision=0, label="Seed", elem_id="txt2img_seed")
+                        panel = build_control_panel(PanelOptions(
+                            is_img2img=False, unit_count=unit_count, elem_prefix="txt2img_controlnet",
+                            width=width, height=height, open=True))
+                    with gr.Column(scale=2):
+                        run_button = gr.Button("Generate", variant="primary", elem_id="txt2img_generate")
+                        gallery = gr.Gallery(label="Output", elem_id="txt2img_gallery", columns=2)
+                        info = gr.Textbox(label="Generation parameters", interactive=False, lines=4,
+                                          elem_id="txt2img_info")
+            _mount_optional_tab("Dataset", "lib_controlnet.ui.dataset_tab", "build_dataset_tab")
+            _mount_optional_tab("Train", "lib_controlnet.ui.train_tab", "build_train_tab")
+
+        def on_generate(prompt_text, negative_text, w, h, n_steps, cfg_scale, seed_value, *panel_values):
+            try:
+                units = [pu.unit for pu in units_from_args(panel_values, unit_count)]
+                units = [api.validate_unit(u, f"unit {i}") for i, u in enumerate(units) if u.is_active]
+                job = api.GenerationJob(prompt=prompt_text, negative_prompt=negative_text, steps=int(n_steps),
+                                        width=int(w), height=int(h), seed=int(seed_value), cfg_scale=float(cfg_scale),
+                                        units=units)
+                output = generator(job)
+            except (UserError, ControlUnitError) as error:
+                raise gr.Error(str(error)) from None
+            return list(output.images) + list(output.detected_maps), "\n\n".join(output.infotexts)
+
+        run_button.click(on_generate, [prompt, negative, width, height, steps, cfg, seed] + panel.inputs(),
+                         [gallery, info])
+        demo.load(None, None, None, _js=_javascript())
+    return demo
+
+
+def create_app(options: AppOptions) -> FastAPI:
+    unit_count = options.unit_count or get_settings().unit_count
+    generator = StandaloneGenerator(options.base)
+    app = FastAPI(title="ControlNet Studio")
+    api.register_routes(app)
+    api.register_generation_routes(app, generator)
+    demo = build_blocks(generator, unit_count)
+    return gr.mount_gradio_app(app, demo, path="/")

@@ -1,0 +1,221 @@
+"""The ControlNet panel (gradio 3.41): one tab per unit, the same in the WebUI and the standalone app.
+
+`build_control_panel` must be called inside an open gr.Blocks context. It returns the components in the order
+of `unit_args.UNIT_FIELDS` per unit; the host passes their values back to `unit_args.units_from_args`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import gradio as gr
+
+from lib_controlnet.errors import UserError
+from lib_controlnet.ui import catalog
+from lib_controlnet.ui.unit_args import UNIT_FIELDS, sketch_to_image_and_mask
+from lib_controlnet.unit import ControlMode, ControlUnit, HiResFixOption, ResizeMode
+
+REFRESH_SYMBOL = "\U0001f504"  # the WebUI's own refresh glyph
+DIMENSIONS_SYMBOL = "\U0001f4d0"
+
+
+@dataclasses.dataclass
+class PanelOptions:
+    is_img2img: bool = False
+    unit_count: int = 3
+    elem_prefix: str = "controlnet"
+    width: Optional[gr.components.Component] = None  # the host's generation size, for "send dimensions"
+    height: Optional[gr.components.Component] = None
+    open: bool = False
+
+
+@dataclasses.dataclass
+class UnitControls:
+    index: int
+    components: dict  # UNIT_FIELDS name -> component
+    preview: gr.Image = None
+
+    def ordered(self) -> list:
+        return [self.components[name] for name in UNIT_FIELDS]
+
+
+@dataclasses.dataclass
+class ControlPanel:
+    units: list
+
+    def inputs(self) -> list:
+        return [c for unit in self.units for c in unit.ordered()]
+
+    def infotext_fields(self) -> list:
+        """(component, params key) pairs; keys are those webui.infotext adds when parameters are pasted."""
+        pairs = []
+        for unit in self.units:
+            for name in UNIT_FIELDS:
+                if name not in ("image", "batch_image_dir", "batch_mask_dir", "independent_image"):
+                    pairs.append((unit.components[name], paste_key(unit.index, name)))
+        return pairs
+
+
+def paste_key(index: int, field: str) -> str:
+    return f"ControlNet {index} {field}"
+
+
+def _safe_choices(load: Callable[[], list], fallback: list) -> list:
+    try:
+        return list(load())
+    except Exception:  # a registry that cannot load yet must not take the whole UI down with it
+        return list(fallback)
+
+
+def _slider_update(slider: dict | None, *, keep_value=None):
+    if slider is None:
+        return gr.update(visible=False, value=-1, minimum=-1)
+    value = slider.get("value", slider.get("min", 0))
+    if keep_value is not None and keep_value != -1:
+        value = keep_value
+    return gr.update(visible=True, label=slider.get("name", ""), minimum=slider.get("min", 0),
+                     maximum=slider.get("max", 1), step=slider.get("step", 1), value=value, interactive=True)
+
+
+def on_module_change(module: str, pixel_perfect: bool):
+    """Resolution and threshold sliders take the module's own labels, ranges and defaults."""
+    try:
+        layout = catalog.slider_layout(module)
+    except UserError as error:
+        raise gr.Error(str(error)) from None
+    resolution = _slider_update(layout.resolution)
+    if layout.resolution is not None and pixel_perfect:
+        resolution["visible"] = False  # pixel-perfect picks the resolution from the generation size
+    return resolution, _slider_update(layout.threshold_a), _slider_update(layout.threshold_b)
+
+
+def on_control_type_change(control_type: str):
+    types = catalog.control_types()
+    entry = types.get(control_type) or types[catalog.ALL_TYPES]
+    return (gr.update(choices=entry["module_list"], value=entry["default_option"]),
+            gr.update(choices=entry["model_list"], value=entry["default_model"]))
+
+
+def refresh_models(control_type: str, current: str):
+    try:
+        catalog.model_names(update=True)
+        entry = catalog.control_types().get(control_type) or catalog.control_types()[catalog.ALL_TYPES]
+    except UserError as error:
+        raise gr.Error(str(error)) from None
+    choices = entry["model_list"]
+    return gr.update(choices=choices, value=current if current in choices else choices[0])
+
+
+def run_preview(sketch, module, processor_res, threshold_a, threshold_b, pixel_perfect, resize_mode,
+                width=512, height=512):
+    from lib_controlnet import preprocess
+
+    image, _mask = sketch_to_image_and_mask(sketch)
+    if image is None:
+        raise gr.Error("Upload a control image first.")
+    if not module or module == catalog.NO_MODULE:
+        return image
+    try:
+        if pixel_perfect:
+            processor_res = preprocess.pixel_perfect_resolution(
+                image.shape[:2], int(width), int(height), ResizeMode.parse(resize_mode, "resize_mode"))
+        resolution = int(processor_res) if processor_res and processor_res > 0 else 512
+        return preprocess.run(module, image, resolution=resolution,
+                              threshold_a=None if threshold_a == -1 else threshold_a,
+                              threshold_b=None if threshold_b == -1 else threshold_b)
+    except UserError as error:
+        raise gr.Error(str(error)) from None
+
+
+def send_dimensions(sketch):
+    image, _ = sketch_to_image_and_mask(sketch)
+    if image is None:
+        return gr.update(), gr.update()
+    h, w = image.shape[:2]
+    return gr.update(value=int(round(w / 8) * 8)), gr.update(value=int(round(h / 8) * 8))
+
+
+def _build_unit(index: int, options: PanelOptions, modules: list, models: list, types: list) -> UnitControls:
+    default = ControlUnit(enabled=False)
+
+    def eid(name: str) -> str:
+        return f"{options.elem_prefix}_unit{index}_{name}"
+
+    c: dict[str, Any] = {}
+    with gr.Tabs(elem_id=eid("input_tabs")):
+        with gr.Tab("Single image", elem_id=eid("single_tab")):
+            with gr.Row():
+                c["image"] = gr.Image(source="upload", tool="sketch", type="numpy", label="Control image",
+                                      elem_id=eid("image"), elem_classes=["cnet-image"], brush_radius=20)
+                preview = gr.Image(label="Detected map", interactive=False, elem_id=eid("preview"),
+                                   elem_classes=["cnet-preview"])
+        with gr.Tab("Batch", elem_id=eid("batch_tab")):
+            c["batch_image_dir"] = gr.Textbox(label="Input directory", placeholder="Folder of control images",
+                                              elem_id=eid("batch_image_dir"))
+            c["batch_mask_dir"] = gr.Textbox(label="Mask directory (optional)", elem_id=eid("batch_mask_dir"))
+    with gr.Row(elem_classes=["cnet-toggles"]):
+        c["enabled"] = gr.Checkbox(label="Enable", value=False, elem_id=eid("enabled"),
+                                   elem_classes=["cnet-unit-enabled"])
+        c["low_vram"] = gr.Checkbox(label="Low VRAM", value=default.low_vram, elem_id=eid("low_vram"))
+        c["pixel_perfect"] = gr.Checkbox(label="Pixel Perfect", value=default.pixel_perfect,
+                                         elem_id=eid("pixel_perfect"))
+        c["independent_image"] = gr.Checkbox(
+            label="Use its own control image (not the img2img input)", value=False,
+            visible=options.is_img2img, elem_id=eid("independent_image"))
+        preview_button = gr.Button("Preview", elem_id=eid("preview_button"), size="sm")
+        dims_button = gr.Button(f"{DIMENSIONS_SYMBOL} Send dimensions", elem_id=eid("send_dimensions"),
+                                size="sm", visible=options.width is not None)
+    c["control_type"] = gr.Radio(types, value=catalog.ALL_TYPES, label="Control Type",
+                                 elem_id=eid("control_type"))
+    with gr.Row():
+        c["module"] = gr.Dropdown(modules, value=catalog.NO_MODULE, label="Preprocessor", elem_id=eid("module"))
+        c["model"] = gr.Dropdown(models, value=catalog.NO_MODEL, label="Model", elem_id=eid("model"))
+        refresh = gr.Button(REFRESH_SYMBOL, elem_id=eid("refresh_models"), elem_classes=["cnet-tool"])
+    with gr.Row():
+        c["weight"] = gr.Slider(0.0, 2.0, value=default.weight, step=0.05, label="Control Weight",
+                                elem_id=eid("weight"))
+        c["guidance_start"] = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Starting Control Step",
+                                        elem_id=eid("guidance_start"))
+        c["guidance_end"] = gr.Slider(0.0, 1.0, value=1.0, step=0.01, label="Ending Control Step",
+                                      elem_id=eid("guidance_end"))
+    with gr.Row():
+        c["processor_res"] = gr.Slider(64, 2048, value=-1, step=8, label="Preprocessor Resolution",
+                                       visible=False, elem_id=eid("processor_res"))
+        c["threshold_a"] = gr.Slider(-1, 255, value=-1, step=1, label="Threshold A", visible=False,
+                                     elem_id=eid("threshold_a"))
+        c["threshold_b"] = gr.Slider(-1, 255, value=-1, step=1, label="Threshold B", visible=False,
+                                     elem_id=eid("threshold_b"))
+    c["control_mode"] = gr.Radio(ControlMode.choices(), value=default.control_mode.value, label="Control Mode",
+                                 elem_id=eid("control_mode"))
+    c["resize_mode"] = gr.Radio(ResizeMode.choices(), value=default.resize_mode.value, label="Resize Mode",
+                                elem_id=eid("resize_mode"))
+    c["hr_option"] = gr.Radio(HiResFixOption.choices(), value=default.hr_option.value, label="Hires-Fix Option",
+                              visible=not options.is_img2img, elem_id=eid("hr_option"))
+
+    sliders = [c["processor_res"], c["threshold_a"], c["threshold_b"]]
+    c["module"].change(on_module_change, [c["module"], c["pixel_perfect"]], sliders, queue=False)
+    c["pixel_perfect"].change(on_module_change, [c["module"], c["pixel_perfect"]], sliders, queue=False)
+    c["control_type"].change(on_control_type_change, [c["control_type"]], [c["module"], c["model"]], queue=False)
+    refresh.click(refresh_models, [c["control_type"], c["model"]], [c["model"]], queue=False)
+    size = [options.width, options.height] if options.width is not None and options.height is not None else []
+    preview_inputs = [c["image"], c["module"], c["processor_res"], c["threshold_a"], c["threshold_b"],
+                      c["pixel_perfect"], c["resize_mode"]] + size
+    preview_button.click(run_preview, preview_inputs, [preview])
+    if size:
+        dims_button.click(send_dimensions, [c["image"]], size, queue=False)
+    return UnitControls(index, c, preview)
+
+
+def build_control_panel(options: PanelOptions) -> ControlPanel:
+    modules = _safe_choices(catalog.module_names, [catalog.NO_MODULE])
+    models = [catalog.NO_MODEL] + _safe_choices(catalog.model_names, [])
+    types = list(_safe_choices(lambda: catalog.control_types().keys(), [catalog.ALL_TYPES]))
+    units = []
+    with gr.Accordion("ControlNet", open=options.open, elem_id=f"{options.elem_prefix}_accordion",
+                      elem_classes=["cnet-panel"]):
+        with gr.Tabs(elem_id=f"{options.elem_prefix}_units", elem_classes=["cnet-unit-tabs"]):
+            for i in range(options.unit_count):
+                with gr.Tab(f"ControlNet Unit {i}", elem_id=f"{options.elem_prefix}_unit{i}_tab",
+                            elem_classes=["cnet-unit-tab"]):
+                    units.append(_build_unit(i, options, modules, models, types))
+    return ControlPanel(units)
