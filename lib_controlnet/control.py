@@ -1,0 +1,415 @@
+"""Per-step ControlNet control for every enabled unit, summed. Knows no host.
+
+A host (hosts/ldm.py, hosts/diffusers.py) catches each UNet call, hands its inputs over as a `UNetCall`, and
+adds the returned `Residuals` to the UNet's skip connections and middle block. The driver of the sampling loop
+tells the `Controller` which step it is in and how the batch rows are laid out (`begin_step`), and which pass
+(first or hires-fix) it is in (`set_pass`).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lib_controlnet.control_forward import added_embedding_input, controlnet_residuals, hint_embedding
+from lib_controlnet.errors import UserError
+from lib_controlnet.unit import ControlMode, ControlUnit, HiResFixOption, ResizeMode
+
+SOFT_WEIGHT_BASE = 0.825  # "My prompt is more important": weight * 0.825 ** (distance from the middle block)
+DEFAULT_PROCESSOR_RES = 512
+ALL_ROWS = slice(None)
+
+
+class ControlError(UserError):
+    """A unit that cannot be applied (bad image, model that does not fit the UNet, ...)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RowLayout:
+    """Which rows of the UNet's batch are conditional, and which image of the job each row belongs to.
+
+    A step may cover its rows in one UNet call or in several consecutive ones (the WebUI with
+    `batch_cond_uncond` off); the controller hands out the rows in call order.
+    """
+
+    cond: tuple[bool, ...]
+    image_index: tuple[int, ...]
+
+    def __post_init__(self):
+        if len(self.cond) != len(self.image_index):
+            raise ValueError("cond and image_index must have one entry per row")
+
+    @classmethod
+    def all_cond(cls, n_images: int) -> "RowLayout":
+        return cls((True,) * n_images, tuple(range(n_images)))
+
+    @classmethod
+    def diffusers_cfg(cls, n_images: int) -> "RowLayout":
+        """diffusers' pipelines: torch.cat([uncond, cond])."""
+        return cls((False,) * n_images + (True,) * n_images, tuple(range(n_images)) * 2)
+
+    @classmethod
+    def webui_cfg(cls, repeats: Sequence[int], skip_uncond: bool = False, is_edit_model: bool = False) -> "RowLayout":
+        """The WebUI's CFG denoiser (1.10): x_in holds, per image i, `repeats[i]` conditional rows (one per
+        AND-prompt), then one unconditional row per image (two for instruct-pix2pix edit models: text-uncond
+        and image-uncond), and no unconditional rows when it skips them (`skip_uncond`)."""
+        cond = [True] * sum(repeats)
+        images = [i for i, n in enumerate(repeats) for _ in range(n)]
+        if not skip_uncond:
+            for _ in range(2 if is_edit_model else 1):
+                cond += [False] * len(repeats)
+                images += list(range(len(repeats)))
+        return cls(tuple(cond), tuple(images))
+
+    def __len__(self) -> int:
+        return len(self.cond)
+
+
+@dataclasses.dataclass
+class UNetCall:
+    """What a host hands over from one UNet call. `y` is SDXL's added-condition vector (sgm's `y`); diffusers
+    hosts may give `text_embeds` + `time_ids` instead and the controller builds `y` from them."""
+
+    sample: torch.Tensor
+    timestep: Any
+    context: torch.Tensor
+    y: Optional[torch.Tensor] = None
+    text_embeds: Optional[torch.Tensor] = None
+    time_ids: Optional[torch.Tensor] = None
+
+
+@dataclasses.dataclass
+class Residuals:
+    """Full-batch residuals: one per UNet input block (skip connection), then the middle block."""
+
+    down: list[torch.Tensor]
+    mid: torch.Tensor
+
+
+@dataclasses.dataclass
+class PreparedUnit:
+    """A unit ready to run: its model and its control image(s) after detection, at the source size.
+
+    `source` holds one HxWx3 uint8 detected map per image (or a single one for all), or a float tensor
+    (N, 3, H, W) in [0, 1] given directly. `mask` (optional) is HxW floats in [0, 1] per image, or a tensor
+    (N, 1, H, W): where the unit acts.
+    """
+
+    unit: ControlUnit
+    model: Any
+    source: Union[list, torch.Tensor]
+    mask: Union[list, torch.Tensor, None] = None
+    _hints: dict = dataclasses.field(default_factory=dict, repr=False)
+    _embeddings: dict = dataclasses.field(default_factory=dict, repr=False)
+    _masks: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    @property
+    def n_residuals(self) -> int:
+        return len(self.model.controlnet_down_blocks) + 1
+
+    def scales(self) -> list[float]:
+        n, weight = self.n_residuals, self.unit.weight
+        if self.unit.control_mode == ControlMode.BALANCED:
+            return [weight] * n
+        return [weight * SOFT_WEIGHT_BASE ** (n - 1 - i) for i in range(n)]
+
+    def hint(self, width: int, height: int) -> torch.Tensor:
+        key = (width, height)
+        if key not in self._hints:
+            self._hints[key] = _to_target(self.source, width, height, self.unit.resize_mode, channels=3)
+        return self._hints[key]
+
+    def mask_at(self, width: int, height: int) -> Optional[torch.Tensor]:
+        if self.mask is None:
+            return None
+        key = (width, height)
+        if key not in self._masks:
+            self._masks[key] = _to_target(self.mask, width, height, self.unit.resize_mode, channels=1)
+        return self._masks[key]
+
+
+def _to_target(source, width: int, height: int, resize_mode: ResizeMode, channels: int) -> torch.Tensor:
+    """(N, C, height, width) float tensor in [0, 1] from detected maps / masks / a tensor."""
+    if torch.is_tensor(source):
+        tensor = source.float()
+        if tuple(tensor.shape[-2:]) != (height, width):
+            tensor = F.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False)
+        return tensor
+    from lib_controlnet import images
+
+    out = []
+    for item in source:
+        array = np.asarray(item)
+        if array.ndim == 2:  # masks: resize as a 3-channel image so every resize mode treats them alike
+            array = np.repeat((np.clip(array, 0, 1) * 255).round().astype(np.uint8)[..., None], 3, axis=2)
+        resized = images.resize_to_target(array, width, height, resize_mode)
+        tensor = torch.from_numpy(np.ascontiguousarray(resized)).float().div_(255.0).permute(2, 0, 1)
+        out.append(tensor[:channels] if channels == 3 else tensor.mean(dim=0, keepdim=True))
+    return torch.stack(out)
+
+
+@dataclasses.dataclass
+class ControlJob:
+    """Everything the controller needs for one generation job (one parameter object, not a long list)."""
+
+    units: list  # PreparedUnit (ready) or ControlUnit (to be detected and loaded by prepare_units)
+    width: int
+    height: int
+    steps: int
+    device: Union[str, torch.device] = "cpu"
+    dtype: torch.dtype = torch.float32
+    hires_fix: bool = False  # whether this job has a second (hires-fix) pass; hr_option only matters then
+    offload_device: Union[str, torch.device] = "cpu"  # where low-VRAM units' models wait between calls
+    load_model: Optional[Callable[[str], Any]] = None  # name or path -> diffusers ControlNetModel
+
+
+def prepare_units(job: ControlJob) -> list[PreparedUnit]:
+    """Detect each active unit's control map and load its model; PreparedUnits pass through untouched."""
+    prepared = []
+    for index, item in enumerate(job.units):
+        if isinstance(item, PreparedUnit):
+            prepared.append(item)
+            continue
+        unit: ControlUnit = item
+        if not unit.is_active:
+            continue
+        if not unit.uses_model:
+            raise ControlError(f"ControlNet unit {index} has no model selected.")
+        if unit.image is None:
+            raise ControlError(f"ControlNet unit {index} has no control image.")
+        load = job.load_model or _default_model_loader
+        model = load(unit.model)
+        model = model.to(device=job.offload_device if unit.low_vram else job.device, dtype=job.dtype)
+        source, mask = _detect(unit, job)
+        prepared.append(PreparedUnit(unit=unit, model=model, source=source, mask=mask))
+    return prepared
+
+
+def _default_model_loader(name: str):
+    from lib_controlnet.models import get_controlnet
+
+    return get_controlnet(name)
+
+
+def _split_image_and_mask(image):
+    if isinstance(image, dict):
+        return image.get("image"), image.get("mask")
+    return image, None
+
+
+def _detect(unit: ControlUnit, job: ControlJob):
+    """Run the unit's preprocessor on each of its images (one, or a list: one per image of the batch)."""
+    from lib_controlnet import images, preprocess
+
+    items = unit.image if isinstance(unit.image, (list, tuple)) else [unit.image]
+    detected, masks = [], []
+    for item in items:
+        image, mask = _split_image_and_mask(item)
+        rgb = images.to_rgb_array(image)
+        mask = mask if mask is not None else unit.mask
+        if unit.module.lower() != "none":
+            if unit.pixel_perfect:
+                resolution = preprocess.pixel_perfect_resolution(rgb.shape[:2], job.width, job.height,
+                                                                 unit.resize_mode)
+            else:
+                resolution = unit.processor_res if unit.processor_res != -1 else DEFAULT_PROCESSOR_RES
+            rgb = preprocess.run(unit.module, rgb, resolution=resolution,
+                                 threshold_a=None if unit.threshold_a == -1 else unit.threshold_a,
+                                 threshold_b=None if unit.threshold_b == -1 else unit.threshold_b)
+        detected.append(rgb)
+        if mask is not None:
+            gray = images.to_rgb_array(mask).astype(np.float32).mean(axis=2) / 255.0
+            masks.append(_fit_mask(gray, rgb.shape[:2]))
+    if masks and len(masks) != len(detected):
+        raise ControlError("Give a mask for every control image of a unit, or none.")
+    return detected, (masks or None)
+
+
+def _fit_mask(mask: np.ndarray, shape) -> np.ndarray:
+    """A mask drawn on the input image, brought to the detected map's size so both resize alike."""
+    if mask.shape == tuple(shape):
+        return mask
+    tensor = torch.from_numpy(mask)[None, None]
+    return F.interpolate(tensor, size=tuple(shape), mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+class Controller:
+    """Computes, for each UNet call, the summed residuals of all units active at the current step."""
+
+    def __init__(self, job: ControlJob, units: Optional[list[PreparedUnit]] = None):
+        self.job = job
+        self.units = units if units is not None else prepare_units(job)
+        self.step = 0
+        self.total_steps = max(int(job.steps), 1)
+        self.hires_pass = False
+        self.width, self.height = job.width, job.height
+        self._rows: Optional[RowLayout] = None
+        self._cursor = 0
+
+    # --- driven by the sampling loop -------------------------------------------------------------------
+    def begin_step(self, step: int, total_steps: Optional[int] = None, rows: Optional[RowLayout] = None) -> None:
+        self.step = int(step)
+        if total_steps:
+            self.total_steps = int(total_steps)
+        if rows is not None:
+            self._rows = rows
+        self._cursor = 0
+
+    def set_rows(self, rows: Optional[RowLayout]) -> None:
+        self._rows, self._cursor = rows, 0
+
+    def set_pass(self, hires: bool, width: Optional[int] = None, height: Optional[int] = None,
+                 steps: Optional[int] = None) -> None:
+        """Switch to the hires-fix pass (hints at its size) or back to the first pass."""
+        self.hires_pass = bool(hires)
+        self.width = width or (self.width if hires else self.job.width)
+        self.height = height or (self.height if hires else self.job.height)
+        if steps:
+            self.total_steps = int(steps)
+        self.step = 0
+
+    def is_active(self, prepared: PreparedUnit) -> bool:
+        unit = prepared.unit
+        if self.job.hires_fix:
+            if self.hires_pass and unit.hr_option == HiResFixOption.LOW_RES_ONLY:
+                return False
+            if not self.hires_pass and unit.hr_option == HiResFixOption.HIGH_RES_ONLY:
+                return False
+        progress = self.step / self.total_steps
+        return unit.guidance_start <= progress <= unit.guidance_end
+
+    # --- called by hosts ---------------------------------------------------------------------------------
+    def residuals(self, call: UNetCall) -> Optional[Residuals]:
+        rows = self._take_rows(call.sample.shape[0])
+        active = [u for u in self.units if self.is_active(u) and u.unit.weight != 0]
+        if not active:
+            return None
+        total: Optional[Residuals] = None
+        for prepared in active:
+            if prepared.unit.control_mode == ControlMode.CONTROL:
+                selection = _select(rows, lambda c: c)  # unconditional rows get zero: skip computing them
+                if selection is None:
+                    continue
+            else:
+                selection = ALL_ROWS
+            down, mid = self._run_unit(prepared, call, rows, selection)
+            total = _accumulate(total, down, mid, selection, call.sample.shape[0])
+        return total
+
+    def _take_rows(self, batch: int) -> RowLayout:
+        rows = self._rows
+        if rows is None:
+            return RowLayout.all_cond(batch)
+        if self._cursor + batch > len(rows):
+            self._cursor = 0  # a call outside the layout (another extension's extra call): start over
+        if batch > len(rows):
+            raise ControlError(f"The UNet got {batch} rows but the step's layout has only {len(rows)}.")
+        part = RowLayout(rows.cond[self._cursor:self._cursor + batch],
+                         rows.image_index[self._cursor:self._cursor + batch])
+        self._cursor = (self._cursor + batch) % len(rows)
+        return part
+
+    def _run_unit(self, prepared: PreparedUnit, call: UNetCall, rows: RowLayout, selection):
+        model = prepared.model
+        height, width = call.sample.shape[-2] * 8, call.sample.shape[-1] * 8
+        with _on_device(model, prepared.unit.low_vram, self.job):
+            embedded = self._embedding(prepared, width, height)
+            images = _image_rows(rows, selection)
+            embedded = _pick(embedded, images)
+            sample = call.sample[selection]
+            context = call.context[selection]
+            timestep = call.timestep
+            if torch.is_tensor(timestep) and timestep.ndim > 0 and timestep.shape[0] == call.sample.shape[0]:
+                timestep = timestep[selection]
+            y = call.y
+            if y is None and call.text_embeds is not None:
+                y = added_embedding_input(model, call.text_embeds, call.time_ids)
+            if y is not None:
+                y = y[selection]
+            down, mid = controlnet_residuals(model, sample.to(model.dtype), timestep, context.to(model.dtype),
+                                             embedded, y)
+        mask = prepared.mask_at(width, height)
+        if mask is not None:
+            mask = _pick(mask.to(device=mid.device, dtype=mid.dtype), images)
+        outputs = []
+        for tensor, scale in zip(down + [mid], prepared.scales()):
+            tensor = tensor.to(call.sample.dtype)
+            if mask is not None:
+                tensor = tensor * F.interpolate(mask, size=tensor.shape[-2:], mode="area")
+            outputs.append(tensor.mul_(scale) if not tensor.requires_grad else tensor * scale)
+        return outputs[:-1], outputs[-1]
+
+    def _embedding(self, prepared: PreparedUnit, width: int, height: int) -> torch.Tensor:
+        key = (width, height, str(prepared.model.device), prepared.model.dtype)
+        cache = prepared._embeddings
+        if key not in cache:
+            cache.clear()  # one size at a time: the first pass's embedding is not needed in the hires pass
+            with torch.no_grad():
+                cache[key] = hint_embedding(prepared.model, prepared.hint(width, height))
+        return cache[key]
+
+    def close(self) -> None:
+        for prepared in self.units:
+            prepared._embeddings.clear()
+            prepared._hints.clear()
+            prepared._masks.clear()
+
+
+def _select(rows: RowLayout, predicate) -> Union[slice, torch.Tensor, None]:
+    """The rows matching `predicate` as a slice when contiguous (a view, no copy), else an index tensor."""
+    picked = [i for i, c in enumerate(rows.cond) if predicate(c)]
+    if not picked:
+        return None
+    if picked == list(range(picked[0], picked[-1] + 1)):
+        return slice(picked[0], picked[-1] + 1)
+    return torch.tensor(picked, dtype=torch.long)
+
+
+def _image_rows(rows: RowLayout, selection) -> list[int]:
+    indices = list(range(len(rows)))
+    chosen = indices[selection] if isinstance(selection, slice) else [indices[i] for i in selection.tolist()]
+    return [rows.image_index[i] for i in chosen]
+
+
+def _pick(per_image: torch.Tensor, images: list[int]) -> torch.Tensor:
+    """Per-row view of a per-image tensor: a broadcast view when the unit has one image for all rows."""
+    if per_image.shape[0] == 1:
+        return per_image.expand(len(images), *per_image.shape[1:])
+    if max(images) >= per_image.shape[0]:
+        raise ControlError(f"The unit has {per_image.shape[0]} control images for a batch of {max(images) + 1}.")
+    return per_image.index_select(0, torch.tensor(images, dtype=torch.long, device=per_image.device))
+
+
+def _accumulate(total: Optional[Residuals], down, mid, selection, batch: int) -> Residuals:
+    if selection is ALL_ROWS:
+        if total is None:
+            return Residuals(list(down), mid)
+        for acc, new in zip(total.down, down):
+            acc.add_(new)
+        total.mid.add_(mid)
+        return total
+    if total is None:
+        total = Residuals([d.new_zeros((batch, *d.shape[1:])) for d in down], mid.new_zeros((batch, *mid.shape[1:])))
+    for acc, new in zip(total.down + [total.mid], list(down) + [mid]):
+        if isinstance(selection, slice):
+            acc[selection] += new
+        else:
+            acc.index_add_(0, selection.to(acc.device), new)
+    return total
+
+
+@contextlib.contextmanager
+def _on_device(model, low_vram: bool, job: ControlJob):
+    """Low VRAM: the model sits on the offload device and visits the compute device only while it runs."""
+    if not low_vram:
+        yield
+        return
+    model.to(job.device)
+    try:
+        yield
+    finally:
+        model.to(job.offload_device)

@@ -1,0 +1,64 @@
+"""ControlNet control for diffusers' `UNet2DConditionModel` (standalone generation, training, tests).
+
+One forward pre-hook (with kwargs) per job: it asks the Controller for the step's residuals and passes them as
+`down_block_additional_residuals` / `mid_block_additional_residual`, the UNet's own ControlNet inputs, added
+to any residuals the caller passed already. `forward` is never replaced, so other wrappers keep working.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+from lib_controlnet.control import Controller, UNetCall
+
+_POSITIONAL = ("sample", "timestep", "encoder_hidden_states")
+
+
+def _argument(name: str, args: tuple, kwargs: dict):
+    index = _POSITIONAL.index(name)
+    if name in kwargs:
+        return kwargs[name]
+    return args[index] if len(args) > index else None
+
+
+def _pre_hook(controller: Controller):
+    def hook(module, args, kwargs):
+        added = kwargs.get("added_cond_kwargs") or {}
+        call = UNetCall(
+            sample=_argument("sample", args, kwargs),
+            timestep=_argument("timestep", args, kwargs),
+            context=_argument("encoder_hidden_states", args, kwargs),
+            text_embeds=added.get("text_embeds"),
+            time_ids=added.get("time_ids"),
+        )
+        residuals = controller.residuals(call)
+        if residuals is None:
+            return None
+        down, mid = residuals.down, residuals.mid
+        if kwargs.get("down_block_additional_residuals") is not None:
+            down = [ours + theirs for ours, theirs in zip(down, kwargs["down_block_additional_residuals"])]
+        if kwargs.get("mid_block_additional_residual") is not None:
+            mid = mid + kwargs["mid_block_additional_residual"]
+        kwargs = dict(kwargs, down_block_additional_residuals=tuple(down), mid_block_additional_residual=mid)
+        return args, kwargs
+
+    return hook
+
+
+@contextlib.contextmanager
+def hooked(unet, controller: Controller) -> Iterator[Controller]:
+    """Control `unet` with `controller` inside the block; the hook is gone afterwards, whatever happened."""
+    expected = 1 + sum(len(b.resnets) + (1 if b.downsamplers else 0) for b in unet.down_blocks)  # conv_in + blocks
+    for prepared in controller.units:
+        if prepared.n_residuals - 1 != expected:
+            from lib_controlnet.control import ControlError
+
+            raise ControlError(
+                f"ControlNet '{prepared.unit.model}' gives {prepared.n_residuals} residuals but this UNet takes "
+                f"{expected + 1}: it was made for another base model (SD1.5 / SD2 / SDXL).")
+    handle = unet.register_forward_pre_hook(_pre_hook(controller), with_kwargs=True)
+    try:
+        yield controller
+    finally:
+        handle.remove()
+        controller.close()
