@@ -1,0 +1,81 @@
+"""One training step: encode (or read cached) latents and prompts, add noise, run ControlNet + frozen UNet, loss.
+
+Kept apart from the loop so the benchmark can time exactly what the trainer does per batch. Every random
+draw (latent sampling, noise, timesteps) comes from one CPU generator whose state the checkpoints keep.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lib_controlnet.train.cache import TrainCache
+
+
+class TrainingStep:
+    def __init__(self, base, controlnet, unet, device, weight_dtype, noise_generator: torch.Generator,
+                 cache: TrainCache | None = None):
+        self.base, self.controlnet, self.unet = base, controlnet, unet  # controlnet/unet may be DDP-wrapped
+        self.device, self.weight_dtype = device, weight_dtype
+        self.generator = noise_generator
+        self.cache = cache or TrainCache()
+        self.scaling = base.vae.config.scaling_factor
+        self.num_timesteps = base.noise_scheduler.config.num_train_timesteps
+
+    # ------------------------------------------------------------------ inputs
+    @torch.no_grad()
+    def latents(self, batch) -> torch.Tensor:
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        if self.cache.has_latents:
+            params = self.cache.latent_params(batch["index"]).to(self.device, torch.float32)
+            dist = DiagonalGaussianDistribution(params)
+        else:
+            pixels = batch["pixel_values"].to(self.device, self.weight_dtype)
+            dist = self.base.vae.encode(pixels).latent_dist
+        return dist.sample(generator=self.generator).to(self.weight_dtype) * self.scaling
+
+    @torch.no_grad()
+    def prompt_embeddings(self, texts: list[str]) -> torch.Tensor:
+        if self.cache.has_text:
+            return self.cache.text_embeddings(texts).to(self.device, self.weight_dtype)
+        unique = sorted(set(texts))  # empty prompts and repeated captions are encoded once per batch
+        encoded = encode_prompts(self.base, unique, self.device)
+        rows = {text: i for i, text in enumerate(unique)}
+        return encoded[[rows[t] for t in texts]].to(self.weight_dtype)
+
+    # ------------------------------------------------------------------ loss
+    def loss(self, batch) -> torch.Tensor:
+        latents = self.latents(batch)
+        hidden = self.prompt_embeddings(batch["text"])
+        count = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=self.generator).to(self.device, latents.dtype)
+        timesteps = torch.randint(0, self.num_timesteps, (count,), generator=self.generator).to(self.device)
+        scheduler = self.base.noise_scheduler
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        hint = batch["conditioning_pixel_values"].to(self.device, self.weight_dtype)
+        down, mid = self.controlnet(noisy, timesteps, encoder_hidden_states=hidden, controlnet_cond=hint,
+                                    return_dict=False)
+        prediction = self.unet(noisy, timesteps, encoder_hidden_states=hidden,
+                               down_block_additional_residuals=[r.to(self.weight_dtype) for r in down],
+                               mid_block_additional_residual=mid.to(self.weight_dtype), return_dict=False)[0]
+        if scheduler.config.prediction_type == "v_prediction":
+            target = scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+
+
+@torch.no_grad()
+def encode_prompts(base, texts: list[str], device) -> torch.Tensor:
+    tokens = base.tokenizer(texts, max_length=base.tokenizer.model_max_length, padding="max_length",
+                            truncation=True, return_tensors="pt")
+    return base.text_encoder(tokens.input_ids.to(device), return_dict=False)[0]
+
+
+@torch.no_grad()
+def heldout_loss(base, controlnet, batches, seed: int = 0, device="cpu") -> float:
+    """Mean denoising loss over `batches` with fixed noise and timesteps (for evaluation, not training)."""
+    generator = torch.Generator().manual_seed(seed)
+    step = TrainingStep(base, controlnet, base.unet, torch.device(device), torch.float32, generator)
+    losses = [step.loss(batch).item() for batch in batches]
+    return sum(losses) / len(losses)
