@@ -12,10 +12,6 @@ ALL_TYPES = "All"
 NO_MODEL = "None"
 NO_MODULE = "none"
 
-# Labels shown when a preprocessor does not name its own sliders.
-DEFAULT_RESOLUTION_SLIDER = {"name": "Preprocessor Resolution", "value": 512, "min": 64, "max": 2048, "step": 8}
-
-
 def _preprocess():
     from lib_controlnet import preprocess  # imported late: the preprocessor registry loads annotator code
 
@@ -37,40 +33,10 @@ def get_preprocessor(name: str):
     return _preprocess().get_preprocessor(name)
 
 
-def _as_plain(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.asdict(obj)
-    if isinstance(obj, dict):
-        return dict(obj)
-    if hasattr(obj, "__dict__"):
-        return {k: v for k, v in vars(obj).items() if not k.startswith("_")}
-    return obj
-
-
-def sliders_of(preprocessor) -> list[dict]:
-    """Sliders as plain dicts {name, value, min, max, step?}; the first is the resolution slider when the
-    preprocessor has one."""
-    raw = getattr(preprocessor, "sliders", None) or []
-    out = []
-    for slider in raw:
-        plain = _as_plain(slider)
-        if isinstance(plain, dict):
-            plain = {k: v for k, v in plain.items() if v is not None}
-            if "label" in plain and "name" not in plain:
-                plain["name"] = plain.pop("label")
-            if "default" in plain and "value" not in plain:
-                plain["value"] = plain.pop("default")
-            if "minimum" in plain and "min" not in plain:
-                plain["min"] = plain.pop("minimum")
-            if "maximum" in plain and "max" not in plain:
-                plain["max"] = plain.pop("maximum")
-            out.append(plain)
-    return out
-
-
 @dataclasses.dataclass
 class SliderLayout:
-    """How the panel's three generic sliders (resolution, threshold A, threshold B) look for one module."""
+    """How the panel's three generic sliders (resolution, threshold A, threshold B) look for one module;
+    None hides a slot."""
 
     resolution: dict | None
     threshold_a: dict | None
@@ -78,33 +44,15 @@ class SliderLayout:
 
 
 def slider_layout(module: str) -> SliderLayout:
-    """Split a module's sliders into the resolution slider and up to two thresholds."""
+    """The registry lists a module's sliders by slot: [resolution, threshold A, threshold B]."""
     if not module or module.lower() == NO_MODULE:
         return SliderLayout(None, None, None)
-    sliders = sliders_of(get_preprocessor(module))
-    resolution = None
-    thresholds = []
-    for slider in sliders:
-        role = str(slider.get("role", slider.get("key", ""))).lower()
-        name = str(slider.get("name", "")).lower()
-        if resolution is None and ("resolution" in name or role in ("resolution", "processor_res")):
-            resolution = slider
-        else:
-            thresholds.append(slider)
-    thresholds += [None, None]
-    return SliderLayout(resolution, thresholds[0], thresholds[1])
+    slots = list(get_preprocessor(module).sliders()) + [None, None, None]
+    return SliderLayout(slots[0], slots[1], slots[2])
 
 
 def module_detail(alias_names: bool = False) -> dict[str, dict]:
-    detail = {}
-    for name in module_names(alias_names):
-        try:
-            pre = get_preprocessor(name)
-        except Exception:  # an alias the registry lists but cannot resolve: describe it as bare
-            detail[name] = {"model_free": False, "sliders": []}
-            continue
-        detail[name] = {"model_free": bool(getattr(pre, "model_free", False)), "sliders": sliders_of(pre)}
-    return detail
+    return _preprocess().module_detail(alias_names=alias_names)
 
 
 def model_names(update: bool = False) -> list[str]:
@@ -151,7 +99,7 @@ def _model_matches(type_name: str, model: str) -> bool:
 
 def control_types(update_models: bool = False) -> dict[str, dict]:
     """{type: {module_list, model_list, default_option, default_model}} with "All" first, as the API answers."""
-    modules = module_names()
+    modules = module_names(alias_names=True)
     try:
         models = model_names(update_models)
     except Exception:  # model registry not available: types still list their modules

@@ -6,7 +6,7 @@ of `unit_args.UNIT_FIELDS` per unit; the host passes their values back to `unit_
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import gradio as gr
 
@@ -58,13 +58,6 @@ class ControlPanel:
 
 def paste_key(index: int, field: str) -> str:
     return f"ControlNet {index} {field}"
-
-
-def _safe_choices(load: Callable[[], list], fallback: list) -> list:
-    try:
-        return list(load())
-    except Exception:  # a registry that cannot load yet must not take the whole UI down with it
-        return list(fallback)
 
 
 def _slider_update(slider: dict | None, *, keep_value=None):
@@ -207,9 +200,13 @@ def _build_unit(index: int, options: PanelOptions, modules: list, models: list, 
 
 
 def build_control_panel(options: PanelOptions) -> ControlPanel:
-    modules = _safe_choices(catalog.module_names, [catalog.NO_MODULE])
-    models = [catalog.NO_MODEL] + _safe_choices(catalog.model_names, [])
-    types = list(_safe_choices(lambda: catalog.control_types().keys(), [catalog.ALL_TYPES]))
+    try:
+        type_map = catalog.control_types()
+    except Exception:  # a registry that cannot load yet must not take the whole UI down with it
+        type_map = {catalog.ALL_TYPES: {"module_list": [catalog.NO_MODULE], "model_list": [catalog.NO_MODEL]}}
+    modules = type_map[catalog.ALL_TYPES]["module_list"]
+    models = type_map[catalog.ALL_TYPES]["model_list"]
+    types = list(type_map)
     units = []
     with gr.Accordion("ControlNet", open=options.open, elem_id=f"{options.elem_prefix}_accordion",
                       elem_classes=["cnet-panel"]):

@@ -1,0 +1,61 @@
+"""Infotext in the WebUI: `ControlNet N: "Module: ..., Model: ..., ..."` written into the generation
+parameters, and read back when parameters are pasted (the text format itself is lib_controlnet.infotext's)."""
+from __future__ import annotations
+
+import logging
+import re
+
+from lib_controlnet.settings import get_settings
+from lib_controlnet.ui.control_panel import paste_key
+from lib_controlnet.ui.unit_args import UNIT_FIELDS
+from lib_controlnet.unit import ControlUnit
+
+log = logging.getLogger(__name__)
+
+_KEY = re.compile(r"^ControlNet (\d+)$")
+_NOT_PASTED = {"image", "mask", "batch_image_dir", "batch_mask_dir"}
+
+
+def key(index: int) -> str:
+    return f"ControlNet {index}"
+
+
+def write(unit: ControlUnit) -> str:
+    from lib_controlnet import infotext
+
+    return infotext.format_unit(unit)
+
+
+def read(text: str) -> ControlUnit:
+    from lib_controlnet import infotext
+
+    return infotext.parse_unit(text)
+
+
+def pasted_values(unit: ControlUnit) -> dict:
+    """The panel's values for a pasted unit, as the paste button converts them (by component type)."""
+    data = unit.to_dict()
+    return {name: data[name] for name in UNIT_FIELDS if name in data and name not in _NOT_PASTED}
+
+
+def on_infotext_pasted(infotext_text: str, params: dict) -> None:
+    """Expand each `ControlNet N` entry into per-field keys the panel's infotext_fields read; units that the
+    text does not mention are switched off, so pasting never leaves an old unit silently enabled."""
+    found = {}
+    for name, value in list(params.items()):
+        match = _KEY.match(str(name))
+        if not match:
+            continue
+        try:
+            found[int(match.group(1))] = read(str(value))
+        except Exception as error:  # one unreadable unit must not stop the rest of the paste
+            log.warning("ControlNet: could not read %s from pasted parameters: %s", name, error)
+    for index in range(get_settings().unit_count):
+        unit = found.get(index)
+        if unit is None:
+            params[paste_key(index, "enabled")] = False
+            continue
+        for field, value in pasted_values(unit).items():
+            params[paste_key(index, field)] = value
+        params[paste_key(index, "enabled")] = True
+        params.setdefault(paste_key(index, "control_type"), "All")

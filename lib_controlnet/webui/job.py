@@ -1,0 +1,160 @@
+"""One WebUI generation with ControlNet: units prepared once, the UNet hooked for each sampling pass, the
+step and the CFG batch layout fed to the controller, and the hooks always taken out again.
+
+The WebUI has no single call that wraps a whole job, so the hook's `with` block is held open in an ExitStack:
+it is closed before each new sampling pass, in `postprocess` (success and Interrupt, which the WebUI's
+samplers turn into an early return), and in `p.close()`, which the WebUI calls in a `finally` for every job,
+including one that raised.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from lib_controlnet.errors import UserError
+from lib_controlnet.unit import ControlUnit
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class BatchFolderError(UserError):
+    pass
+
+
+def folder_images(folder: str, what: str) -> list[Path]:
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise BatchFolderError(f"The {what} folder {folder!r} does not exist.")
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise BatchFolderError(f"The {what} folder {folder!r} holds no images.")
+    return files
+
+
+@dataclasses.dataclass
+class UnitPlan:
+    index: int  # the unit's tab number, as infotext numbers it
+    unit: ControlUnit
+    batch_images: Optional[list] = None  # batch mode: one control image per generated image, cycling
+    batch_masks: Optional[list] = None
+
+
+def _n_rows(cond, fallback: int) -> int:
+    """Rows of a conditioning: a tensor (SD1/SD2) or SDXL's dict {"crossattn": ..., "vector": ...}."""
+    if isinstance(cond, dict):
+        cond = cond.get("crossattn")
+    return int(cond.shape[0]) if hasattr(cond, "shape") else fallback
+
+
+def _rows_for(params, skip_uncond: bool):
+    """The WebUI CFG denoiser's x_in layout at this step, from what on_cfg_denoiser sees."""
+    from lib_controlnet.control import RowLayout
+
+    n_rows = int(params.x.shape[0])
+    n_images = _n_rows(params.text_uncond, n_rows)
+    n_cond = _n_rows(params.text_cond, n_rows - n_images)
+    extra = int(params.x.shape[0]) - n_cond
+    is_edit_model = n_images > 0 and extra == 2 * n_images  # instruct-pix2pix: text-uncond and image-uncond rows
+    repeats = [n_cond // max(n_images, 1)] * n_images
+    return RowLayout.webui_cfg(repeats, skip_uncond=skip_uncond, is_edit_model=is_edit_model)
+
+
+class WebUIJob:
+    """Lives on `p` from `process` to `postprocess`/`close`."""
+
+    def __init__(self, plans: list[UnitPlan], p):
+        self.plans = plans
+        self.width, self.height = int(p.width), int(p.height)
+        self.steps = int(p.steps)
+        self.hires_fix = bool(getattr(p, "enable_hr", False))
+        self._prepared: Optional[list] = None
+        self._prepared_for: Optional[int] = None
+        self._stack: Optional[contextlib.ExitStack] = None
+        self.controller = None
+        self.detected_maps: list = []  # (unit index, HxWx3 uint8) from the first pass of every batch
+
+    # ------------------------------------------------------------------ preparing units
+    def _units_for_batch(self, p) -> list[ControlUnit]:
+        units = []
+        start = int(getattr(p, "iteration", 0)) * int(p.batch_size)
+        for plan in self.plans:
+            unit = plan.unit
+            if plan.batch_images:
+                picks = [plan.batch_images[(start + i) % len(plan.batch_images)] for i in range(p.batch_size)]
+                mask = None
+                if plan.batch_masks:
+                    mask = [plan.batch_masks[(start + i) % len(plan.batch_masks)] for i in range(p.batch_size)]
+                    picks = [{"image": str(img), "mask": str(m)} for img, m in zip(picks, mask)]
+                else:
+                    picks = [str(img) for img in picks]
+                unit = unit.replace(image=picks)
+            units.append(unit)
+        return units
+
+    def _prepare(self, p):
+        from lib_controlnet.control import ControlJob, prepare_units
+
+        batch_mode = any(plan.batch_images for plan in self.plans)
+        key = int(getattr(p, "iteration", 0)) if batch_mode else 0
+        if self._prepared is not None and self._prepared_for == key:
+            return self._prepared
+        from modules import devices
+
+        job = ControlJob(units=self._units_for_batch(p), width=self.width, height=self.height, steps=self.steps,
+                         device=devices.device, dtype=getattr(devices, "dtype_unet", devices.dtype),
+                         hires_fix=self.hires_fix)
+        self._prepared = prepare_units(job)
+        self._prepared_for = key
+        self._job = job
+        for plan, prepared in zip(self.plans, self._prepared):
+            for detected in (prepared.source if isinstance(prepared.source, list) else []):
+                self.detected_maps.append((plan.index, np.asarray(detected)))
+        return self._prepared
+
+    # ------------------------------------------------------------------ hooking
+    def begin_sampling(self, p) -> None:
+        """process_before_every_sampling: (re)hook the UNet for this pass."""
+        from lib_controlnet.control import Controller
+        from lib_controlnet.hosts import ldm as ldm_host
+
+        self.end_sampling()
+        prepared = self._prepare(p)
+        controller = Controller(self._job, units=prepared)
+        if getattr(p, "is_hr_pass", False):
+            controller.set_pass(True, int(getattr(p, "hr_upscale_to_x", 0)) or None,
+                                int(getattr(p, "hr_upscale_to_y", 0)) or None,
+                                steps=int(getattr(p, "hr_second_pass_steps", 0) or p.steps))
+        unet = p.sd_model.model.diffusion_model
+        stack = contextlib.ExitStack()
+        stack.enter_context(ldm_host.hooked(unet, controller))
+        self._stack, self.controller = stack, controller
+
+    def on_cfg_denoiser(self, params, p) -> None:
+        if self.controller is None:
+            return
+        skip = False
+        s_min_uncond = float(getattr(p, "s_min_uncond", 0) or 0)
+        if s_min_uncond > 0 and params.sampling_step % 2 and params.sigma is not None:
+            # the denoiser drops the unconditional rows on such steps, after this callback
+            skip = float(params.sigma.flatten()[0]) < s_min_uncond
+        self.controller.begin_step(params.sampling_step, params.total_sampling_steps, rows=_rows_for(params, skip))
+
+    def end_sampling(self) -> None:
+        stack, self._stack, self.controller = self._stack, None, None
+        if stack is not None:
+            stack.close()
+
+    def close(self) -> None:
+        self.end_sampling()
+        self._prepared = None
+
+    @property
+    def hooked(self) -> bool:
+        return self._stack is not None
