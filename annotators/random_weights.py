@@ -1,0 +1,123 @@
+"""Random-weight annotator files under the real release names, built from each network's own class.
+
+For tests, benchmarks and demos on machines without the real weights: every file is the state dict of the
+network class controlnet-aux loads, saved the way the released file stores it, so the real loading code runs.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from annotators.runtime import aux_module
+
+
+def _hed():
+    return aux_module("hed").ControlNetHED_Apache2().state_dict()
+
+
+def _pidinet():
+    return {"state_dict": {f"module.{k}": v for k, v in aux_module("pidi.model").pidinet().state_dict().items()}}
+
+
+def _teed():
+    return aux_module("teed.ted").TED().state_dict()
+
+
+def _mlsd():
+    return aux_module("mlsd.models.mbv2_mlsd_large").MobileV2_MLSD_Large().state_dict()
+
+
+def _lineart():
+    return aux_module("lineart").Generator(3, 1, 3).state_dict()
+
+
+def _lineart_anime():
+    import functools
+
+    import torch.nn as nn
+
+    module = aux_module("lineart_anime")
+    norm = functools.partial(nn.InstanceNorm2d, affine=False, track_running_stats=False)
+    return module.UnetGenerator(3, 1, 8, 64, norm_layer=norm, use_dropout=False).state_dict()
+
+
+def _midas():
+    return aux_module("midas.midas.dpt_depth").DPTDepthModel(path=None, backbone="vitb_rn50_384",
+                                                            non_negative=True).state_dict()
+
+
+def _leres_depth():
+    model = aux_module("leres.leres.depthmap").RelDepthModel(backbone="resnext101")
+    return {"depth_model": {f"module.{k}": v for k, v in model.state_dict().items()}}
+
+
+def _leres_pix2pix():
+    models = aux_module("leres.pix2pix.models.pix2pix4depth_model")
+    options = aux_module("leres.pix2pix.options.test_options").TestOptions().parse()
+    options.gpu_ids = []
+    return models.Pix2Pix4DepthModel(options).netG.state_dict()
+
+
+def _zoe():
+    module = aux_module("zoe")
+    return {"model": module.ZoeDepth.build_from_config(module.get_config("zoedepth", "infer")).state_dict()}
+
+
+def _normal_bae():
+    import types
+
+    args = types.SimpleNamespace(mode="client", architecture="BN", pretrained="scannet", sampling_ratio=0.4,
+                                 importance_ratio=0.7)
+    return {"model": aux_module("normalbae.nets.NNET").NNET(args).state_dict()}
+
+
+def _openpose_flat(model):
+    # the released body/hand files hold keys without the first (block) component; util.transfer maps them back
+    return {".".join(k.split(".")[1:]): v for k, v in model.state_dict().items()}
+
+
+def _body():
+    return _openpose_flat(aux_module("open_pose.model").bodypose_model())
+
+
+def _hand():
+    return _openpose_flat(aux_module("open_pose.model").handpose_model())
+
+
+def _face():
+    return aux_module("open_pose.face").FaceNet().state_dict()
+
+
+BUILDERS: dict[str, Callable[[], dict]] = {
+    "ControlNetHED.pth": _hed,
+    "table5_pidinet.pth": _pidinet,
+    "7_model.pth": _teed,
+    "mlsd_large_512_fp32.pth": _mlsd,
+    "sk_model.pth": _lineart,
+    "sk_model2.pth": _lineart,
+    "netG.pth": _lineart_anime,
+    "dpt_hybrid-midas-501f0c75.pt": _midas,
+    "res101.pth": _leres_depth,
+    "latest_net_G.pth": _leres_pix2pix,
+    "ZoeD_M12_N.pt": _zoe,
+    "scannet.pt": _normal_bae,
+    "body_pose_model.pth": _body,
+    "hand_pose_model.pth": _hand,
+    "facenet.pth": _face,
+}
+
+
+def write(directory: Path, names=None, seed: int = 0) -> list[Path]:
+    """Save random weights for `names` (default: all known files) into `directory`; returns the paths."""
+    import torch
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in names or BUILDERS:
+        torch.manual_seed(seed)
+        path = directory / name
+        if not path.exists():
+            torch.save(BUILDERS[name](), path)
+        written.append(path)
+    return written

@@ -1,0 +1,101 @@
+"""Running annotator networks: each network is loaded once and kept, on the best device, in inference mode.
+
+controlnet-aux's package __init__ imports every detector (and so torchvision, timm, mediapipe...); `aux_module`
+imports only the detector module asked for, keeping `import controlnet_aux` itself working for anyone else.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import threading
+import types
+from typing import Callable, Sequence
+
+import numpy as np
+
+_loaded: dict = {}
+_lock = threading.RLock()
+
+
+def aux_module(name: str) -> types.ModuleType:
+    """`controlnet_aux.<name>` without running controlnet_aux/__init__.py (unless someone already did)."""
+    if "controlnet_aux" not in sys.modules:
+        spec = importlib.util.find_spec("controlnet_aux")
+        if spec is None:
+            raise ImportError("controlnet-aux is not installed (pip install controlnet-aux==0.0.10)")
+        package = importlib.util.module_from_spec(spec)
+
+        def _full(attr, _package=package, _spec=spec):
+            # someone wants a name from the real __init__ (e.g. `from controlnet_aux import HEDdetector`)
+            del _package.__getattr__
+            _spec.loader.exec_module(_package)
+            return getattr(_package, attr)
+
+        package.__getattr__ = _full
+        sys.modules["controlnet_aux"] = package
+    return importlib.import_module(f"controlnet_aux.{name}")
+
+
+def device():
+    import torch
+
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def load_once(key, loader: Callable):
+    """The object `loader()` built for this key the first time; later calls get the same object."""
+    with _lock:
+        if key not in _loaded:
+            _loaded[key] = loader()
+        return _loaded[key]
+
+
+def unload_all() -> None:
+    with _lock:
+        _loaded.clear()
+
+
+def prepare(module, channels_last: bool = True):
+    """eval, no grads, on the device; NHWC memory where the convolutions run faster with it."""
+    import torch
+
+    module.eval().requires_grad_(False).to(device())
+    if channels_last:
+        module.to(memory_format=torch.channels_last)
+    return module
+
+
+def to_batch(images: Sequence[np.ndarray], scale: float = 1.0, offset: float = 0.0, bgr: bool = False,
+             channels_last: bool = True):
+    """Same-size HxWx3 uint8 images -> float NCHW tensor (x * scale + offset) on the device, one copy."""
+    import torch
+
+    stacked = np.stack(images) if len(images) > 1 else images[0][None]
+    tensor = torch.from_numpy(stacked).to(device())
+    if bgr:
+        tensor = tensor.flip(-1)
+    tensor = tensor.permute(0, 3, 1, 2).float()  # a view: NHWC memory is exactly channels_last
+    if scale != 1.0 or offset != 0.0:
+        tensor = tensor.mul_(scale).add_(offset) if tensor.is_contiguous(memory_format=torch.channels_last) \
+            else tensor * scale + offset
+    if not channels_last:
+        tensor = tensor.contiguous()
+    return tensor
+
+
+def to_uint8(maps) -> list[np.ndarray]:
+    """N x H x W float tensor in [0, 255] -> list of HxW uint8 (truncating, as controlnet-aux's astype does)."""
+    return list(maps.clamp_(0, 255).to(dtype=__import__("torch").uint8).cpu().numpy())
+
+
+def batchable(batch_fn: Callable) -> Callable:
+    """Make `f(img, params)` from `batch_fn(images, params)`, keeping `batch_fn` as `.batch` for run_batch."""
+
+    def single(img, params):
+        return batch_fn([img], params)[0]
+
+    single.batch = batch_fn
+    single.__name__ = getattr(batch_fn, "__name__", "annotator").lstrip("_")
+    single.__doc__ = batch_fn.__doc__
+    return single

@@ -1,0 +1,101 @@
+"""Finding annotator weight files: the user's annotator folder, under the public lllyasviel/Annotators names.
+
+Search order for a file: <annotator dir>/<file>, <annotator dir>/<family>/<file> (the layout the other WebUI
+ControlNet extension's `annotator/downloads/<family>/` uses, so that folder can be copied or pointed at), then
+anywhere below the annotator dir. A missing file is a UserError naming the file and the folder. A download is
+tried only when settings.allow_annotator_downloads is on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from lib_controlnet.errors import UserError
+from lib_controlnet.settings import get_settings
+
+
+class AnnotatorWeightsError(UserError):
+    """A weight file an annotator needs is missing or unreadable."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightFile:
+    filename: str
+    family: str  # sub-folder name the other extension uses
+    repo: str = "lllyasviel/Annotators"
+    repo_path: str = ""  # path inside the repo when it is not the bare file name
+
+
+WEIGHTS: dict[str, WeightFile] = {w.filename: w for w in (
+    WeightFile("ControlNetHED.pth", "hed"),
+    WeightFile("table5_pidinet.pth", "pidinet"),
+    WeightFile("7_model.pth", "TEED", repo="bdsqlsz/qinglong_controlnet-lllite", repo_path="Annotators/7_model.pth"),
+    WeightFile("mlsd_large_512_fp32.pth", "mlsd"),
+    WeightFile("sk_model.pth", "lineart"),
+    WeightFile("sk_model2.pth", "lineart"),
+    WeightFile("netG.pth", "lineart_anime"),
+    WeightFile("dpt_hybrid-midas-501f0c75.pt", "midas"),
+    WeightFile("res101.pth", "leres"),
+    WeightFile("latest_net_G.pth", "leres"),
+    WeightFile("ZoeD_M12_N.pt", "zoedepth"),
+    WeightFile("scannet.pt", "normal_bae"),
+    WeightFile("body_pose_model.pth", "openpose"),
+    WeightFile("hand_pose_model.pth", "openpose"),
+    WeightFile("facenet.pth", "openpose"),
+    # Segmentation runs transformers models: a folder holding config.json and the weights
+    # (save_pretrained output of openmmlab/upernet-convnext-small or shi-labs/oneformer_*_swin_tiny).
+    WeightFile("upernet-convnext-small", "segmentation", repo="openmmlab/upernet-convnext-small"),
+    WeightFile("oneformer_ade20k_swin_tiny", "oneformer", repo="shi-labs/oneformer_ade20k_swin_tiny"),
+    WeightFile("oneformer_coco_swin_large", "oneformer", repo="shi-labs/oneformer_coco_swin_large"),
+)}
+
+
+def annotator_dir() -> Path:
+    return Path(os.path.expanduser(str(get_settings().annotator_models_path)))
+
+
+def _search(root: Path, spec: WeightFile) -> Path | None:
+    for candidate in (root / spec.filename, root / spec.family / spec.filename):
+        if candidate.exists():
+            return candidate
+    if root.is_dir():
+        for candidate in root.rglob(spec.filename):
+            return candidate
+    return None
+
+
+def _download(spec: WeightFile, root: Path) -> Path:
+    import huggingface_hub  # only here: most runs never download
+
+    target = root / spec.family
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        if spec.filename.endswith((".pth", ".pt")):
+            path = huggingface_hub.hf_hub_download(spec.repo, spec.repo_path or spec.filename, local_dir=target)
+            final = target / spec.filename
+            if Path(path) != final:
+                os.replace(path, final)
+            return final
+        return Path(huggingface_hub.snapshot_download(spec.repo, local_dir=target / spec.filename))
+    except Exception as error:  # network, offline mode, missing repo: all end the same way for the user
+        raise AnnotatorWeightsError(
+            f"Could not download {spec.filename} from {spec.repo} ({type(error).__name__}); "
+            f"download it by hand into {target}."
+        ) from None
+
+
+def find_weight(filename: str, label: str = "this preprocessor") -> Path:
+    """The path of a weight file (or model folder), or an AnnotatorWeightsError saying where to put it."""
+    spec = WEIGHTS.get(filename) or WeightFile(filename, "")
+    root = annotator_dir()
+    found = _search(root, spec)
+    if found is not None:
+        return found
+    if get_settings().allow_annotator_downloads:
+        return _download(spec, root)
+    where = spec.repo + (f" ({spec.repo_path})" if spec.repo_path else "")
+    raise AnnotatorWeightsError(
+        f"The {label} preprocessor needs the weight file {spec.filename}: put it in {root} "
+        f"(it is published in {where} on Hugging Face), or allow annotator downloads in the settings."
+    )
