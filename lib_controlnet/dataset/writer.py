@@ -4,7 +4,7 @@ Layout of DIR (what `datasets.load_dataset(DIR, split="train")`, the Train tab a
 `train_controlnet.py --train_data_dir DIR` read):
 
     DIR/README.md                   dataset card; its YAML `configs` points the "train" split at data/*.parquet
-    DIR/data/train-00000.parquet    one shard per download shard (names sort in sample order)
+    DIR/data/train-*.parquet        one shard per download shard (names sort in sample order)
     DIR/preview/                    a few `<key>_image.<ext>` / `<key>_conditioning.png` pairs to look at
     DIR/manifest.json               config, counts and per-stage timings of the build
     DIR/failures.jsonl              one {"key", "url", "stage", "reason"} line per sample that was dropped
@@ -93,8 +93,9 @@ def dataset_features():
     )
 
 
-def shard_path(out_dir: Path, shard: int) -> Path:
-    return Path(out_dir) / DATA_DIR / f"train-{shard:05d}.parquet"
+def shard_path(out_dir: Path, shard: int | str) -> Path:
+    name = f"{shard:05d}" if isinstance(shard, int) else shard
+    return Path(out_dir) / DATA_DIR / f"train-{name}.parquet"
 
 
 def samples_to_table(samples: Sequence[Sample]):
@@ -117,7 +118,7 @@ def samples_to_table(samples: Sequence[Sample]):
     return pa.Table.from_pydict(columns, schema=dataset_features().arrow_schema)
 
 
-def write_shard(out_dir: Path, shard: int, samples: Sequence[Sample]) -> Path | None:
+def write_shard(out_dir: Path, shard: int | str, samples: Sequence[Sample]) -> Path | None:
     """Write one shard atomically; rewriting the same shard replaces it (so a resumed job never duplicates).
     A shard with no samples writes no file."""
     path = shard_path(out_dir, shard)
