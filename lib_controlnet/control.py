@@ -20,7 +20,6 @@ from lib_controlnet.errors import UserError
 from lib_controlnet.unit import ControlMode, ControlUnit, HiResFixOption, ResizeMode
 
 SOFT_WEIGHT_BASE = 0.825  # "My prompt is more important": weight * 0.825 ** (distance from the middle block)
-DEFAULT_PROCESSOR_RES = 512
 ALL_ROWS = slice(None)
 
 
@@ -195,12 +194,6 @@ def _default_model_loader(name: str):
     return get_controlnet(name)
 
 
-def _split_image_and_mask(image):
-    if isinstance(image, dict):
-        return image.get("image"), image.get("mask")
-    return image, None
-
-
 def _detect(unit: ControlUnit, job: ControlJob):
     """Run the unit's preprocessor on each of its images (one, or a list: one per image of the batch)."""
     from lib_controlnet import images, preprocess
@@ -208,33 +201,25 @@ def _detect(unit: ControlUnit, job: ControlJob):
     items = unit.image if isinstance(unit.image, (list, tuple)) else [unit.image]
     detected, masks = [], []
     for item in items:
-        image, mask = _split_image_and_mask(item)
-        rgb = images.to_rgb_array(image)
-        mask = mask if mask is not None else unit.mask
+        rgb, mask = images.split_image_and_mask(item)
+        if mask is None and unit.mask is not None:
+            mask = unit.mask
         if unit.module.lower() != "none":
             if unit.pixel_perfect:
                 resolution = preprocess.pixel_perfect_resolution(rgb.shape[:2], job.width, job.height,
                                                                  unit.resize_mode)
             else:
-                resolution = unit.processor_res if unit.processor_res != -1 else DEFAULT_PROCESSOR_RES
+                resolution = None if unit.processor_res == -1 else unit.processor_res  # None: its default
             rgb = preprocess.run(unit.module, rgb, resolution=resolution,
                                  threshold_a=None if unit.threshold_a == -1 else unit.threshold_a,
                                  threshold_b=None if unit.threshold_b == -1 else unit.threshold_b)
-        detected.append(rgb)
+        detected.append(rgb[..., :3])
         if mask is not None:
-            gray = images.to_rgb_array(mask).astype(np.float32).mean(axis=2) / 255.0
-            masks.append(_fit_mask(gray, rgb.shape[:2]))
+            # drawn on the input image; brought to the detected map's size so both are resized alike
+            masks.append(images.decode_mask(mask, size=(rgb.shape[1], rgb.shape[0])).astype(np.float32) / 255.0)
     if masks and len(masks) != len(detected):
         raise ControlError("Give a mask for every control image of a unit, or none.")
     return detected, (masks or None)
-
-
-def _fit_mask(mask: np.ndarray, shape) -> np.ndarray:
-    """A mask drawn on the input image, brought to the detected map's size so both resize alike."""
-    if mask.shape == tuple(shape):
-        return mask
-    tensor = torch.from_numpy(mask)[None, None]
-    return F.interpolate(tensor, size=tuple(shape), mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
 class Controller:
