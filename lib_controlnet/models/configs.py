@@ -71,7 +71,10 @@ def detect_base(shapes: dict[str, tuple]) -> str:
         if not any(depths):
             return "sdxl_small"
         return "sdxl" if max(depths) > 1 else "sdxl_mid"
-    if proj is not None and len(proj) == 2:
+    to_k = next((s for k, s in shapes.items() if k.endswith("attn2.to_k.weight")), None)
+    if to_k is not None and to_k[1] in (768, 1024):  # the text encoders of SD1 (CLIP L) and SD2 (OpenCLIP H)
+        return "sd15" if to_k[1] == 768 else "sd2"
+    if proj is not None and len(proj) == 2:  # other widths (small test models): SD2 projects linearly
         return "sd2"
     return "sd15"
 
