@@ -46,22 +46,24 @@ def read_hf_disk(config) -> list[dict]:
 
 def image_bytes(url: str, image_col: str, cache: dict) -> bytes:
     """Encoded bytes of the image a `hf://` url points at (PNG when the dataset holds decoded arrays)."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+
     folder, index = url[len(PREFIX):].rsplit("#", 1)
     if folder not in cache:
-        cache[folder] = _load(folder)
-    data = cache[folder]
-    import datasets
-
-    raw = data.cast_column(image_col, datasets.Image(decode=False))[int(index)][image_col] if isinstance(
-        data.features.get(image_col), datasets.Image
-    ) else data[int(index)][image_col]
+        data = _load(folder)
+        if isinstance(data.features.get(image_col), datasets.Image):
+            data = data.cast_column(image_col, datasets.Image(decode=False))  # the stored bytes, not a re-encode
+        cache[folder] = data
+    raw = cache[folder][int(index)][image_col]
     if isinstance(raw, dict) and raw.get("bytes"):
         return raw["bytes"]
     if isinstance(raw, dict) and raw.get("path"):
         return Path(raw["path"]).read_bytes()
-    from PIL import Image
-
-    image = raw if isinstance(raw, Image.Image) else Image.fromarray(__import__("numpy").asarray(raw))
+    if isinstance(raw, (bytes, bytearray)):
+        return bytes(raw)
+    image = raw if isinstance(raw, Image.Image) else Image.fromarray(np.asarray(raw, dtype=np.uint8))
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
     return buffer.getvalue()
