@@ -47,7 +47,7 @@ def _midas():
 
 
 def _leres_depth():
-    model = aux_module("leres.leres.depthmap").RelDepthModel(backbone="resnext101")
+    model = aux_module("leres.leres.multi_depth_model_woauxi").RelDepthModel(backbone="resnext101")
     return {"depth_model": {f"module.{k}": v for k, v in model.state_dict().items()}}
 
 
@@ -121,3 +121,35 @@ def write(directory: Path, names=None, seed: int = 0) -> list[Path]:
             torch.save(BUILDERS[name](), path)
         written.append(path)
     return written
+
+
+def write_segmentation(directory: Path, seed: int = 0) -> list[Path]:
+    """Small random UperNet and OneFormer folders (ADE20K's 150 labels) under the folder names seg.py looks for.
+
+    The architectures are the real ones at reduced width and depth, so transformers' own from_pretrained and
+    forward run; a user's folder holds the full-size save_pretrained output instead."""
+    import torch
+    from transformers import (ConvNextConfig, OneFormerConfig, OneFormerForUniversalSegmentation, SwinConfig,
+                              UperNetConfig, UperNetForSemanticSegmentation)
+
+    directory = Path(directory)
+    labels = {i: f"class_{i}" for i in range(150)}
+    upernet_dir = directory / "upernet-convnext-small"
+    oneformer_dir = directory / "oneformer_ade20k_swin_tiny"
+    torch.manual_seed(seed)
+    if not (upernet_dir / "config.json").exists():
+        backbone = ConvNextConfig(depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 32, 64],
+                                  out_features=["stage1", "stage2", "stage3", "stage4"])
+        config = UperNetConfig(backbone_config=backbone, hidden_size=32, auxiliary_in_channels=32,
+                               id2label=labels, label2id={v: k for k, v in labels.items()})
+        UperNetForSemanticSegmentation(config).save_pretrained(upernet_dir)
+    if not (oneformer_dir / "config.json").exists():
+        backbone = SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4,
+                              out_features=["stage1", "stage2", "stage3", "stage4"])
+        config = OneFormerConfig(backbone_config=backbone, hidden_dim=32, conv_dim=32, mask_dim=32,
+                                 num_queries=8, encoder_layers=1, decoder_layers=2, dim_feedforward=64,
+                                 text_encoder_width=32, text_encoder_num_layers=1, text_encoder_context_length=77,
+                                 text_encoder_proj_layers=1, text_encoder_n_ctx=4, num_attention_heads=2,
+                                 id2label=labels, label2id={v: k for k, v in labels.items()})
+        OneFormerForUniversalSegmentation(config).save_pretrained(oneformer_dir)
+    return [upernet_dir, oneformer_dir]

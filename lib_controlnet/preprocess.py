@@ -131,7 +131,6 @@ REGISTRY: tuple[Preprocessor, ...] = (
     _p("segmentation", "seg_ufade20k", "Segmentation", "annotators.seg:upernet_ade20k", model_free=False,
        pad_multiple=32),
     _p("oneformer_ade20k", "seg_ofade20k", "Segmentation", "annotators.seg:oneformer_ade20k", model_free=False),
-    _p("oneformer_coco", "seg_ofcoco", "Segmentation", "annotators.seg:oneformer_coco", model_free=False),
     _p("shuffle", "shuffle", "Shuffle", "annotators.shuffle:shuffle"),
     _p("tile_resample", "tile_resample", "Tile/Blur", f"{_T}:tile_resample", resolution=None,
        threshold_a=Slider("Down Sampling Rate", 1.0, 8.0, 1.0, 0.01)),
@@ -397,3 +396,19 @@ def run_batch(name: str, images_in: Sequence[Any], resolution: Optional[int] = N
             for i, (_, hw), result in zip(chunk, padded, maps):
                 results[i] = _finish(result, hw if pre.pad_multiple > 1 else None)
     return results  # type: ignore[return-value]
+
+
+def run_pose(name: str, image: Any, resolution: Optional[int] = None) -> tuple[np.ndarray, dict]:
+    """An OpenPose preprocessor's map plus its keypoints as OpenPose JSON (canvas = the map's size)."""
+    pre = get_preprocessor(name)
+    fn = pre.function()
+    flags = getattr(fn, "flags", None)
+    if flags is None:
+        raise PreprocessorError(f"{pre.label} does not detect poses; use one of the openpose preprocessors.")
+    from annotators import pose
+
+    params = make_params(pre, resolution)
+    img, _ = _prepare(pre, _as_rgb(image), params)
+    poses = pose.detect(img, *flags)
+    canvas = pose.draw(poses, img.shape[0], img.shape[1], *flags)
+    return _finish(canvas, None), pose.pose_json(poses, img.shape[0], img.shape[1])
