@@ -71,6 +71,11 @@ def _leres_any(img: np.ndarray, p: Params, boost: bool) -> np.ndarray:
     import torch
 
     detector = load_once("leres", _leres_detector)
+    if boost and max(img.shape[:2]) <= 128:
+        # controlnet-aux's boost pass finds no patch size below this and fails with an internal error
+        from lib_controlnet.errors import UserError
+
+        raise UserError("depth_leres++ needs a preprocessor resolution whose long side is above 128 pixels.")
     with torch.inference_mode():
         return detector(img, thr_a=p.threshold_a, thr_b=p.threshold_b, boost=boost,
                         detect_resolution=min(img.shape[:2]), image_resolution=min(img.shape[:2]), output_type="np")

@@ -86,11 +86,15 @@ def _open(source: bytes | Path, label: str) -> Image.Image:
     """Open lazily (header only), check the size, then decode."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is lower
             image = Image.open(source if isinstance(source, Path) else io.BytesIO(source))
     except FileNotFoundError:
         raise ImageInputError(f"No such image file: {label}.") from None
-    except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError):
+    except Image.DecompressionBombError:  # Pillow's own header check: far above MAX_PIXELS
+        raise ImageInputError(
+            f"The image is too large: more than the limit of {MAX_PIXELS // 1_000_000} megapixels; "
+            f"scale it down first.") from None
+    except UnidentifiedImageError:
         raise ImageInputError(f"{label} is not an image this program can read.") from None
     except OSError as error:
         raise ImageInputError(f"{label} could not be read as an image ({error}).") from None
