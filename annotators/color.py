@@ -8,7 +8,8 @@ from annotators.common import Params
 
 
 def color_grid(img: np.ndarray, p: Params, cell: int = 64) -> np.ndarray:
-    """Average colour per 64x64 cell (cubic down-sampling), shown as flat blocks (nearest up-sampling)."""
+    """One colour per 64x64 cell (cubic down-sampling: the colour near the cell centre, as the T2I colour
+    adapter was trained), shown as flat blocks (nearest up-sampling)."""
     h, w = img.shape[:2]
     small = cv2.resize(img, (max(1, w // cell), max(1, h // cell)), interpolation=cv2.INTER_CUBIC)
     return cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST)
