@@ -122,4 +122,4 @@ def config_for(shapes: dict[str, tuple], base: str | None = None) -> dict:
         config["attention_head_dim"] = 8  # diffusers' name for the number of heads (SD1: 8 heads)
     else:
         config["attention_head_dim"] = [max(1, c // 64) for c in channels]  # heads of 64 channels
-    return clean_config(config)
+    return config

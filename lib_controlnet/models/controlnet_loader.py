@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from lib_controlnet.models.configs import clean_config
 from lib_controlnet.models.errors import ModelFileError
 from lib_controlnet.models.formats import DIFFUSERS_FOLDER, FULL_CHECKPOINT, ModelInfo, inspect_model
 from lib_controlnet.models.keymap import LDM_CONTROL_PREFIX, ldm_to_diffusers
@@ -55,7 +56,7 @@ def build_controlnet(config: dict, state_dict: dict, name: str = "The model"):
 
     try:
         with init_empty_weights():
-            model = ControlNetModel.from_config(config)
+            model = ControlNetModel.from_config(clean_config(config))
     except (TypeError, ValueError, KeyError) as error:
         raise ModelFileError(f"{name} has a ControlNet config this version of diffusers cannot build: {error}.") from None
     _fit_projection_shapes(model, state_dict)

@@ -38,7 +38,8 @@ class ModelInfo:
     base: str                     # configs.BASES key: sd15, sd2, sdxl, sdxl_mid, sdxl_small
     dtype: str                    # fp16 / fp32 / bf16 (the most common floating dtype)
     n_params: int
-    config: dict                  # diffusers ControlNetModel config that fits the weights
+    config: dict                  # diffusers ControlNetModel config that fits the weights (may hold
+                                  # fields other diffusers versions add; builders filter them)
     weights_path: Path            # the file holding the tensors (differs from path for folders)
     metadata: dict = dataclasses.field(default_factory=dict)
 
@@ -135,10 +136,10 @@ def inspect_model(path) -> ModelInfo:
     base = configs.detect_base(shapes)
     stored = header.metadata.get(CONFIG_METADATA_KEY)
     if folder_config is not None:
-        config = configs.clean_config(folder_config)
+        config = folder_config
     elif stored:
         try:
-            config = configs.clean_config(json.loads(stored))
+            config = json.loads(stored)
         except (json.JSONDecodeError, TypeError):
             config = configs.config_for(shapes, base)
     else:

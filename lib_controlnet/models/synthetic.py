@@ -19,7 +19,7 @@ def random_state_dict(base: str = "sd15", dtype="fp16", seed: int = 0) -> dict[s
     from diffusers import ControlNetModel
 
     with init_empty_weights():
-        model = ControlNetModel.from_config(configs.shipped_config(base))
+        model = ControlNetModel.from_config(configs.clean_config(configs.shipped_config(base)))
     generator = torch.Generator().manual_seed(seed)
     target = parse_dtype(dtype)
     # Drawing 361M normal numbers takes many seconds on a small CPU; windows of one random pool at random
