@@ -1,0 +1,196 @@
+"""Neural annotators: controlnet-aux's real loading code on random weights saved under the release file names,
+and our maps equal to controlnet-aux's detectors for the same input and weights.
+
+The heavy networks (MiDaS, LeReS, Zoe, NormalBAE, OpenPose) take minutes to build on two cores; they are in
+test_annotators_heavy.py, which runs when CONTROLNET_HEAVY_TESTS=1.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import cv2
+import numpy as np
+import pytest
+import skimage.data
+
+from annotators import random_weights, runtime
+from annotators.runtime import aux_module
+from annotators.weights import AnnotatorWeightsError
+from lib_controlnet import preprocess
+from lib_controlnet.errors import UserError
+from lib_controlnet.settings import get_settings, update_settings
+
+LIGHT = ["ControlNetHED.pth", "table5_pidinet.pth", "7_model.pth", "mlsd_large_512_fp32.pth", "sk_model.pth",
+         "sk_model2.pth", "netG.pth"]
+IMAGE = cv2.resize(skimage.data.astronaut(), (128, 128), interpolation=cv2.INTER_AREA)
+WIDE = cv2.resize(skimage.data.coffee(), (144, 96), interpolation=cv2.INTER_AREA)
+
+
+@pytest.fixture(scope="module")
+def weights_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("annotators")
+    random_weights.write(directory, LIGHT)
+    random_weights.write_segmentation(directory)
+    saved = get_settings().annotator_models_path, get_settings().allow_annotator_downloads
+    update_settings(annotator_models_path=directory, allow_annotator_downloads=False)
+    runtime.unload_all()
+    preprocess.clear_cache()
+    yield directory
+    update_settings(annotator_models_path=saved[0], allow_annotator_downloads=saved[1])
+    runtime.unload_all()
+    preprocess.clear_cache()
+
+
+def _aux(module, cls, directory, **kw):
+    return getattr(aux_module(module), cls).from_pretrained(str(directory), **kw)
+
+
+def _same(ours, theirs):
+    """Equal maps, up to float summation order: channels-last convolutions add in another order, so a value
+    sitting on a uint8 rounding edge may land one level off on a handful of pixels."""
+    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype == np.uint8
+    diff = np.abs(ours.astype(int) - theirs)
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("softedge_hed", {}), ("softedge_hedsafe", {"safe": True}), ("scribble_hed", {"scribble": True})])
+def test_hed_family_equals_controlnet_aux(weights_dir, name, kwargs):
+    detector = _aux("hed", "HEDdetector", weights_dir)
+    theirs = detector(IMAGE, detect_resolution=128, image_resolution=128, output_type="np", **kwargs)
+    _same(preprocess.run(name, IMAGE, resolution=128, use_cache=False), theirs)
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("softedge_pidinet", {}), ("softedge_pidisafe", {"safe": True}), ("scribble_pidinet", {"scribble": True})])
+def test_pidinet_family_equals_controlnet_aux(weights_dir, name, kwargs):
+    """Also proves our conversion of pixel-difference convolutions to plain ones exact."""
+    detector = _aux("pidi", "PidiNetDetector", weights_dir)
+    theirs = detector(IMAGE, detect_resolution=128, image_resolution=128, output_type="np", **kwargs)
+    _same(preprocess.run(name, IMAGE, resolution=128, use_cache=False), theirs)
+
+
+def test_pidinet_conversion_matches_the_raw_network_on_side_outputs(weights_dir):
+    import torch
+
+    from annotators.softedge import _convert_pidinet
+
+    net = _aux("pidi", "PidiNetDetector", weights_dir).netNetwork
+    with torch.no_grad():
+        for p in net.parameters():  # livelier weights than the default init, so every side output matters
+            p.add_(torch.randn_like(p) * 0.05)
+        x = torch.rand(1, 3, 40, 56)
+        for a, b in zip(net(x), _convert_pidinet(net).eval()(x)):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_teed_equals_controlnet_aux(weights_dir):
+    detector = _aux("teed", "TEEDdetector", weights_dir, filename="7_model.pth")
+    for steps in (2, 0):
+        theirs = detector(IMAGE, detect_resolution=128, safe_steps=steps, output_type="np")
+        _same(preprocess.run("softedge_teed", IMAGE, resolution=128, threshold_a=steps, use_cache=False), theirs)
+
+
+@pytest.mark.parametrize("name, coarse", [("lineart_realistic", False), ("lineart_coarse", True)])
+def test_lineart_equals_controlnet_aux(weights_dir, name, coarse):
+    detector = _aux("lineart", "LineartDetector", weights_dir)
+    theirs = detector(IMAGE, coarse=coarse, detect_resolution=128, image_resolution=128, output_type="np")
+    ours = preprocess.run(name, IMAGE, resolution=128, use_cache=False)
+    _same(ours, theirs)
+    assert ours.std() > 1
+
+
+def test_lineart_anime_equals_controlnet_aux(weights_dir):
+    detector = _aux("lineart_anime", "LineartAnimeDetector", weights_dir)
+    theirs = detector(IMAGE, detect_resolution=128, image_resolution=128, output_type="np")
+    _same(preprocess.run("lineart_anime", IMAGE, resolution=128, use_cache=False), theirs)
+
+
+def test_mlsd_equals_controlnet_aux(weights_dir):
+    detector = _aux("mlsd", "MLSDdetector", weights_dir)
+    for thr_v, thr_d in ((0.1, 0.1), (0.01, 0.01)):
+        theirs = detector(IMAGE, thr_v=thr_v, thr_d=thr_d, detect_resolution=128, image_resolution=128,
+                          output_type="np")
+        ours = preprocess.run("mlsd", IMAGE, resolution=128, threshold_a=thr_v, threshold_b=thr_d,
+                              use_cache=False)
+        _same(ours, theirs)
+
+
+def test_non_square_images_keep_their_aspect(weights_dir):
+    for name in ("softedge_pidinet", "lineart_realistic", "softedge_teed", "lineart_anime"):
+        assert preprocess.run(name, WIDE, resolution=64, use_cache=False).shape == (64, 96, 3)
+
+
+def test_run_batch_equals_run_and_groups_sizes(weights_dir):
+    images = [IMAGE, WIDE, IMAGE[::-1].copy(), WIDE]
+    maps = preprocess.run_batch("softedge_hed", images, resolution=64, batch_size=8)
+    for image, result in zip(images, maps):
+        _same(result, preprocess.run("softedge_hed", image, resolution=64, use_cache=False))
+
+
+@pytest.mark.parametrize("name", ["seg_ufade20k", "seg_ofade20k"])
+def test_segmentation_paints_ade20k_colours(weights_dir, name):
+    palette = {tuple(c) for c in aux_module("util").ade_palette()}
+    out = preprocess.run(name, WIDE, resolution=64, use_cache=False)
+    assert out.shape == (64, 96, 3)
+    assert {tuple(c) for c in np.unique(out.reshape(-1, 3), axis=0)} <= palette
+
+
+def test_segmentation_equals_transformers_upernet(weights_dir):
+    import torch
+    from transformers import UperNetForSemanticSegmentation
+
+    model = UperNetForSemanticSegmentation.from_pretrained(str(weights_dir / "upernet-convnext-small"))
+    x = torch.from_numpy(IMAGE).permute(2, 0, 1)[None].float() / 255.0
+    x = (x - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    with torch.no_grad():
+        labels = model(pixel_values=x).logits.argmax(dim=1)[0].numpy()
+    expected = np.asarray(aux_module("util").ade_palette(), np.uint8)[labels]
+    _same(preprocess.run("seg_ufade20k", IMAGE, resolution=128, use_cache=False), expected)
+
+
+def test_missing_weight_names_the_file_and_the_folder(tmp_path, weights_dir):
+    update_settings(annotator_models_path=tmp_path)
+    runtime.unload_all()
+    try:
+        with pytest.raises(AnnotatorWeightsError, match=f"ControlNetHED.pth: put it in {tmp_path}") as info:
+            preprocess.run("softedge_hed", IMAGE, use_cache=False)
+        assert isinstance(info.value, UserError)
+        with pytest.raises(AnnotatorWeightsError, match="upernet-convnext-small"):
+            preprocess.run("seg_ufade20k", IMAGE, use_cache=False)
+        # allowed, but offline (as in every test): one clear error, no hang
+        update_settings(allow_annotator_downloads=True)
+        with pytest.raises(AnnotatorWeightsError, match="Could not download table5_pidinet.pth.*by hand into"):
+            preprocess.run("softedge_pidinet", IMAGE, use_cache=False)
+    finally:
+        update_settings(annotator_models_path=weights_dir, allow_annotator_downloads=False)
+        runtime.unload_all()
+
+
+def test_weights_are_found_in_family_subfolders(tmp_path, weights_dir):
+    (tmp_path / "hed").mkdir()
+    (tmp_path / "hed" / "ControlNetHED.pth").write_bytes((weights_dir / "ControlNetHED.pth").read_bytes())
+    update_settings(annotator_models_path=tmp_path)
+    runtime.unload_all()
+    try:
+        assert preprocess.run("softedge_hed", IMAGE, resolution=64, use_cache=False).shape == (64, 64, 3)
+    finally:
+        update_settings(annotator_models_path=weights_dir)
+        runtime.unload_all()
+
+
+def test_controlnet_aux_detectors_import_alone_and_the_package_still_works():
+    code = textwrap.dedent("""
+        import sys, lib_controlnet
+        from annotators.runtime import aux_module
+        aux_module("hed")
+        assert "controlnet_aux.open_pose" not in sys.modules and "controlnet_aux.zoe" not in sys.modules
+        from controlnet_aux import CannyDetector  # the real __init__ runs on demand
+        assert "controlnet_aux.open_pose" in sys.modules
+        print("ok")
+    """)
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, env=env,
+                         timeout=240)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]
