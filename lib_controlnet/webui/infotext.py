@@ -20,16 +20,19 @@ def key(index: int) -> str:
     return f"ControlNet {index}"
 
 
-def write(unit: ControlUnit) -> str:
-    from lib_controlnet import infotext
-
-    return infotext.format_unit(unit)
+def write(unit: ControlUnit) -> str | None:
+    try:
+        from lib_controlnet import infotext
+    except ImportError as error:  # an incomplete install: generate anyway, without the infotext entry
+        log.warning("ControlNet: infotext not written (%s)", error)
+        return None
+    return infotext.unit_to_infotext(unit)
 
 
 def read(text: str) -> ControlUnit:
     from lib_controlnet import infotext
 
-    return infotext.parse_unit(text)
+    return infotext.unit_from_infotext(text)
 
 
 def pasted_values(unit: ControlUnit) -> dict:

@@ -83,7 +83,9 @@ class Lifecycle:
         if not plans:
             return
         for plan in plans:
-            p.extra_generation_params[infotext.key(plan.index)] = infotext.write(plan.unit)
+            text = infotext.write(plan.unit)
+            if text:
+                p.extra_generation_params[infotext.key(plan.index)] = text
         job = WebUIJob(plans, p)
         setattr(p, JOB_ATTRIBUTE, job)
         _ACTIVE[id(job)] = (job, p)

@@ -57,7 +57,8 @@ def running_server(folder: Path, assets: dict, unit_count: int = 2, timeout: flo
     port = free_port()
     log_path = folder / f"server-{port}.log"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
-               DISABLE_TELEMETRY="1", NO_ALBUMENTATIONS_UPDATE="1")
+               DISABLE_TELEMETRY="1", NO_ALBUMENTATIONS_UPDATE="1",
+               OMP_NUM_THREADS="1")  # tiny models on a shared 2-core machine: one thread is many times faster
     command = [sys.executable, "-m", "lib_controlnet", "serve", "--host", "127.0.0.1", "--port", str(port),
                "--base", str(assets["base"]), "--models-dir", str(assets["models"]),
                "--unit-count", str(unit_count)]

@@ -1,0 +1,345 @@
+"""scripts/controlnet.py driven through whole jobs by a stand-in of the WebUI 1.10 `modules`
+(tests/webui_standin), on the WebUI's real ldm UNetModel with tiny weights."""
+from __future__ import annotations
+
+import base64
+import importlib.util
+import io
+import os
+import sys
+from contextlib import closing
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+STANDIN = Path(__file__).resolve().parent / "webui_standin"
+MODEL_STEM = "control_sd15_canny_tiny"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # On this shared 2-core machine two torch threads run the tiny UNet ~25x slower than one.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def webui(tmp_path_factory):
+    """The stand-in WebUI with our script loaded as the WebUI loads it, a tiny SD1.5 ldm UNet as the model
+    and a matching ControlNet in the WebUI's models/ControlNet folder."""
+    root = tmp_path_factory.mktemp("webui")
+    os.environ["CNET_STANDIN_ROOT"] = str(root)
+    sys.path.insert(0, str(STANDIN))
+    try:
+        from control_fixtures import diffusers_pair, ldm_unet_like
+        from modules import paths, script_callbacks, scripts, shared
+
+        from lib_controlnet.models import save_controlnet_ldm
+
+        unet, controlnet = diffusers_pair("sd15")
+        save_controlnet_ldm(controlnet, Path(paths.models_path) / "ControlNet" / f"{MODEL_STEM}.safetensors",
+                            dtype="fp32")
+
+        class Wrapper(torch.nn.Module):
+            def __init__(self, diffusion_model):
+                super().__init__()
+                self.diffusion_model = diffusion_model
+
+        class SDModel:
+            context_dim = unet.config.cross_attention_dim
+            model = Wrapper(ldm_unet_like(unet, "sd15"))
+
+        shared.sd_model = SDModel()
+        script_callbacks.clear_callbacks()
+        spec = importlib.util.spec_from_file_location("controlnet_script", ROOT / "scripts" / "controlnet.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)  # what the WebUI's script_loading.load_module does
+        classes = [c for c in module.__dict__.values()
+                   if isinstance(c, type) and issubclass(c, scripts.Script) and c is not scripts.Script]
+        assert len(classes) == 1
+        script_callbacks.ui_settings_callback()
+        shared.opts.set("control_net_unit_count", 2)
+        shared.opts.set("control_net_detected_maps_dir", str(root / "maps"))
+        yield dict(root=root, script_class=classes[0], unet=shared.sd_model.model.diffusion_model)
+    finally:
+        sys.path.remove(str(STANDIN))
+
+
+@pytest.fixture(scope="module")
+def photo():
+    from skimage import data
+
+    return np.ascontiguousarray(data.astronaut()[::8, ::8])  # 64x64 real photograph
+
+
+def _make_script(webui, is_img2img=False):
+    import gradio as gr
+
+    script = webui["script_class"]()
+    script.is_txt2img, script.is_img2img = not is_img2img, is_img2img
+    tab = "img2img" if is_img2img else "txt2img"
+    with gr.Blocks():
+        for name in ("width", "height"):
+            slider = gr.Slider(64, 2048, value=512, elem_id=f"{tab}_{name}")
+            script.after_component(slider, elem_id=f"{tab}_{name}")
+        controls = script.ui(is_img2img)
+    script.args_from, script.args_to = 0, len(controls)
+    script.controls = controls
+    return script
+
+
+@pytest.fixture(scope="module")
+def txt2img_script(webui):
+    return _make_script(webui)
+
+
+def _model_name():
+    from lib_controlnet.models import get_registry
+
+    get_registry().refresh()
+    return next(n for n in get_registry().names() if n.startswith(MODEL_STEM))
+
+
+def _args(script, **unit0):
+    from lib_controlnet.ui.unit_args import UNIT_FIELDS
+
+    values = [c.value for c in script.controls]
+    for name, value in unit0.items():
+        values[UNIT_FIELDS.index(name)] = value
+    return values
+
+
+def _run(script, args, p_class="txt2img", **p_fields):
+    from modules import processing, scripts
+
+    cls = processing.StableDiffusionProcessingTxt2Img if p_class == "txt2img" \
+        else processing.StableDiffusionProcessingImg2Img
+    p = cls(**dict(dict(prompt="a cat", steps=3, width=64, height=64, batch_size=2, cfg_scale=5.0, seed=3),
+                   **p_fields))
+    p.scripts = scripts.ScriptRunner([script])
+    p.script_args = args
+    with closing(p):  # as modules/txt2img.py does
+        processed = processing.process_images(p)
+    return p, processed
+
+
+def _hooks(unet) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in unet.modules())
+
+
+def _unet_output(unet):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=generator)
+    context = torch.randn(2, 8, 32, generator=generator)
+    with torch.no_grad():
+        return unet(x, timesteps=torch.tensor([500, 500]), context=context)
+
+
+def _pixels(images):
+    return np.stack([np.asarray(im, dtype=np.float32) for im in images])
+
+
+def _canny_unit(photo, **extra):
+    return dict(dict(enabled=True, image={"image": photo, "mask": np.zeros_like(photo)}, module="canny",
+                     model=_model_name(), processor_res=64), **extra)
+
+
+# ---------------------------------------------------------------- registration and UI
+
+
+def test_settings_section_and_mirror(webui):
+    from modules import shared
+
+    from lib_controlnet.settings import get_settings
+    from lib_controlnet.webui import settings
+
+    keys = [k for k, info in shared.opts.data_labels.items() if info.section == ("control_net", "ControlNet")]
+    assert {"control_net_model_dirs", "control_net_annotator_dir", "control_net_unit_count",
+            "control_net_model_cache_size", "control_net_preprocessor_cache_size", "control_net_save_detected_maps",
+            "control_net_detected_maps_dir", "control_net_allow_annotator_downloads"} <= set(keys)
+    assert shared.opts.data_labels["control_net_unit_count"].default == 3
+    shared.opts.set("control_net_model_cache_size", 4)  # onchange mirrors at once
+    assert get_settings().model_cache_size == 4
+    shared.cmd_opts.controlnet_dir = str(webui["root"] / "extra")
+    settings.sync()
+    assert Path(webui["root"] / "extra") in get_settings().model_dirs
+    assert Path(webui["root"] / "models" / "ControlNet") in get_settings().model_dirs
+    shared.cmd_opts.controlnet_dir = None
+
+
+def test_panel_components_and_paste_fields(txt2img_script):
+    from lib_controlnet.ui.unit_args import UNIT_FIELDS
+
+    script = txt2img_script
+    assert script.title() == "ControlNet"
+    from modules import scripts
+    assert script.show(False) is scripts.AlwaysVisible and script.show(True) is scripts.AlwaysVisible
+    assert len(script.controls) == 2 * len(UNIT_FIELDS)
+    keys = [key for _, key in script.infotext_fields]
+    assert "ControlNet 0 module" in keys and "ControlNet 1 weight" in keys
+    assert script.paste_field_names == keys
+
+
+def test_api_routes_and_tabs_are_registered(webui):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    from modules import script_callbacks
+
+    app = FastAPI()
+    script_callbacks.app_started_callback(None, app)
+    paths = {route.path for route in app.routes}
+    assert {"/controlnet/version", "/controlnet/model_list", "/controlnet/module_list", "/controlnet/control_types",
+            "/controlnet/settings", "/controlnet/detect"} <= paths
+    client = TestClient(app)
+    assert client.get("/controlnet/settings").json() == {"control_net_unit_count": 2}
+    assert any(n.startswith(MODEL_STEM) for n in client.get("/controlnet/model_list").json()["model_list"])
+    tabs = script_callbacks.ui_tabs_callback()
+    titles = [title for _, title, _ in tabs]
+    for module, title in (("dataset_tab", "ControlNet Dataset"), ("train_tab", "ControlNet Train")):
+        if importlib.util.find_spec(f"lib_controlnet.ui.{module}") is not None:
+            assert title in titles
+    assert not script_callbacks.errors_reported, script_callbacks.errors_reported
+
+
+# ---------------------------------------------------------------- jobs
+
+
+def test_txt2img_job_controls_the_unet_and_leaves_no_trace(webui, txt2img_script, photo):
+    unet = webui["unet"]
+    before = _unet_output(unet)
+    hooks_before = _hooks(unet)
+    _, plain = _run(txt2img_script, _args(txt2img_script))
+    p, controlled = _run(txt2img_script, _args(txt2img_script, **_canny_unit(photo)))
+    _, weightless = _run(txt2img_script, _args(txt2img_script, **_canny_unit(photo, weight=0.0)))
+
+    assert len(plain.images) == 2 and len(controlled.images) == 3  # two images, then the detected map
+    assert np.abs(_pixels(controlled.images[:2]) - _pixels(plain.images)).max() > 0
+    np.testing.assert_array_equal(_pixels(weightless.images[:2]), _pixels(plain.images))
+    from lib_controlnet import preprocess
+    np.testing.assert_array_equal(np.asarray(controlled.images[2]),
+                                  preprocess.run("canny", photo, resolution=64))
+    assert 'ControlNet 0: "Module: canny' in controlled.infotexts[0]
+    assert "ControlNet 0" in p.extra_generation_params and "ControlNet 1" not in p.extra_generation_params
+    assert _hooks(unet) == hooks_before
+    assert torch.equal(_unet_output(unet), before)
+    assert list((webui["root"] / "maps").glob("*.png"))  # saved per settings
+
+
+def test_batch_layout_split_calls_match_one_call(txt2img_script, photo):
+    from modules import shared
+
+    for mode in ("Balanced", "ControlNet is more important"):
+        args = _args(txt2img_script, **_canny_unit(photo, control_mode=mode))
+        _, together = _run(txt2img_script, args)
+        shared.opts.set("batch_cond_uncond", False)
+        try:
+            _, split = _run(txt2img_script, args)
+        finally:
+            shared.opts.set("batch_cond_uncond", True)
+        np.testing.assert_allclose(_pixels(split.images), _pixels(together.images), atol=1.0)
+
+
+def test_exception_and_interrupt_unhook(webui, txt2img_script, photo):
+    from modules import script_callbacks, shared
+
+    unet = webui["unet"]
+    before, hooks_before = _unet_output(unet), _hooks(unet)
+    calls = []
+
+    def failing_extension(module, args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("another extension failed")
+
+    handle = unet.register_forward_pre_hook(failing_extension)
+    try:
+        with pytest.raises(RuntimeError, match="another extension failed"):
+            _run(txt2img_script, _args(txt2img_script, **_canny_unit(photo)))
+    finally:
+        handle.remove()
+    assert _hooks(unet) == hooks_before and torch.equal(_unet_output(unet), before)
+
+    def interrupt(params):
+        if params.sampling_step == 1:
+            shared.state.interrupted = True
+
+    script_callbacks.on_cfg_denoiser(interrupt)
+    try:
+        _, processed = _run(txt2img_script, _args(txt2img_script, **_canny_unit(photo)))
+    finally:
+        script_callbacks.callback_map["callbacks_cfg_denoiser"].pop()
+        shared.state.interrupted = False
+    assert len(processed.images) == 3
+    assert _hooks(unet) == hooks_before and torch.equal(_unet_output(unet), before)
+
+
+def test_hires_fix_runs_both_passes(webui, txt2img_script, photo):
+    for option in ("Both", "Low res only", "High res only"):
+        _, processed = _run(txt2img_script, _args(txt2img_script, **_canny_unit(photo, hr_option=option)),
+                            enable_hr=True, hr_scale=2.0, batch_size=1)
+        assert processed.images[0].size == (128, 128)
+    assert _hooks(webui["unet"]) == 0
+
+
+def test_infotext_pastes_back_into_the_panel(txt2img_script, photo):
+    from modules import infotext_utils
+
+    _, processed = _run(txt2img_script, _args(txt2img_script, **_canny_unit(
+        photo, weight=0.75, guidance_start=0.1, guidance_end=0.8, control_mode="My prompt is more important",
+        pixel_perfect=True)))
+    params = infotext_utils.parse_generation_parameters(processed.infotexts[0])
+    values = dict(zip([key for _, key in txt2img_script.infotext_fields],
+                      infotext_utils.paste_values(txt2img_script.infotext_fields, params)))
+    assert values["ControlNet 0 enabled"] is True and values["ControlNet 1 enabled"] is False
+    assert values["ControlNet 0 module"] == "canny" and values["ControlNet 0 model"] == _model_name()
+    assert values["ControlNet 0 weight"] == 0.75 and values["ControlNet 0 guidance_end"] == 0.8
+    assert values["ControlNet 0 control_mode"] == "My prompt is more important"
+    assert values["ControlNet 0 pixel_perfect"] is True
+
+
+def test_api_args_and_bad_units(txt2img_script, photo):
+    from lib_controlnet.errors import UserError
+
+    buffer = io.BytesIO()
+    Image.fromarray(photo).save(buffer, format="PNG")
+    unit = {"enabled": True, "module": "canny", "model": _model_name(), "image": base64.b64encode(buffer.getvalue())
+            .decode(), "processor_res": 64}
+    defaults = _args(txt2img_script)
+    _, processed = _run(txt2img_script, [unit] + defaults[1:])
+    assert len(processed.images) == 3
+    with pytest.raises(UserError, match="guidance_start"):
+        _run(txt2img_script, [dict(unit, guidance_start=0.9, guidance_end=0.1)] + defaults[1:])
+    with pytest.raises(UserError, match="model"):
+        _run(txt2img_script, [dict(unit, model="missing_model")] + defaults[1:])
+
+
+def test_img2img_unit_follows_the_input_image(webui, photo):
+    from lib_controlnet import preprocess
+
+    script = _make_script(webui, is_img2img=True)
+    unit = _canny_unit(photo, image=None)
+    _, processed = _run(script, _args(script, **unit), p_class="img2img", init_images=[Image.fromarray(photo)],
+                        denoising_strength=0.5)
+    np.testing.assert_array_equal(np.asarray(processed.images[-1]), preprocess.run("canny", photo, resolution=64))
+    other = np.ascontiguousarray(photo[:, ::-1])
+    unit = _canny_unit(other, independent_image=True)
+    _, processed = _run(script, _args(script, **unit), p_class="img2img", init_images=[Image.fromarray(photo)],
+                        denoising_strength=0.5)
+    np.testing.assert_array_equal(np.asarray(processed.images[-1]), preprocess.run("canny", other, resolution=64))
+
+
+def test_batch_folder_gives_each_image_its_own_map(webui, txt2img_script, photo, tmp_path):
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    Image.fromarray(photo).save(folder / "a.png")
+    Image.fromarray(np.ascontiguousarray(photo[::-1])).save(folder / "b.png")
+    unit = _canny_unit(photo, image=None, batch_image_dir=str(folder))
+    _, processed = _run(txt2img_script, _args(txt2img_script, **unit))
+    assert len(processed.images) == 4  # two generated, two maps (one per folder image)
+    assert not np.array_equal(np.asarray(processed.images[2]), np.asarray(processed.images[3]))
