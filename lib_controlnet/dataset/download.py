@@ -109,7 +109,7 @@ def run_img2dataset(config, url_list: Path, output_folder: Path, total: int,
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", OPENCV_IO_MAX_IMAGE_PIXELS=str(policy.max_pixels))
     with open(log_path, "ab") as log:
         child = subprocess.Popen(
-            [sys.executable, "-m", "lib_controlnet.dataset.engine", str(params_path)],
+            [sys.executable, str(Path(__file__).with_name("engine.py")), str(params_path)],
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
             pass_fds=tuple(fd for fd in hold_fds if fd >= 0),
         )

@@ -1,40 +1,51 @@
 """img2dataset, run in a child process of its own, with our URL guard inside its download workers.
 
+Run by path (`python .../engine.py PARAMS.json`, see download.py), never imported as part of the package:
+importing `lib_controlnet` costs seconds per process (torch/torchvision repair), paid here by the child and by
+every img2dataset worker. safety.py, which imports nothing of ours, is loaded from its file instead; spawned
+workers re-run this file as `__mp_main__`, so they find it too.
+
 Why a child process: img2dataset.download installs a SIGINT handler (only possible on the main thread, and it
 exits 0 on Ctrl-C) and spawns worker pools; in a process group of its own the job can run from a UI thread,
 cancel kills the whole group at once, and a watchdog kills the group when the parent dies, so a killed build
 never leaves a downloader writing beside the resumed one.
 
 Why a Downloader subclass: img2dataset has no hook around its fetch. Its Downloader object is pickled into each
-worker, so a subclass carries our FetchPolicy there and installs the guarded urllib opener before the first
+worker, so a subclass carries our fetch policy there and installs the guarded urllib opener before the first
 shard; everything else (resizing, retries, X-Robots-Tag, incremental resume, distributors) stays img2dataset's.
 """
-from __future__ import annotations
-
 import functools
+import importlib
+import importlib.util
 import json
 import os
 import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 from img2dataset.downloader import Downloader
 
-from lib_controlnet.dataset.safety import FetchPolicy, install_guard
-
+_GUARD_MODULE = "controlnet_studio_fetch_guard"
+if _GUARD_MODULE not in sys.modules:
+    _spec = importlib.util.spec_from_file_location(_GUARD_MODULE, Path(__file__).with_name("safety.py"))
+    _guard = importlib.util.module_from_spec(_spec)
+    sys.modules[_GUARD_MODULE] = _guard
+    _spec.loader.exec_module(_guard)
+_guard = sys.modules[_GUARD_MODULE]
 _guard_installed = False
 
 
 class GuardedDownloader(Downloader):
-    def __init__(self, *args, policy: FetchPolicy, **kwargs):
+    def __init__(self, *args, policy: dict, **kwargs):
         super().__init__(*args, **kwargs)
-        self.policy = policy
+        self.policy = policy  # a dict: plain data pickles into any worker
 
     def __call__(self, row):
         global _guard_installed
         if not _guard_installed:
-            install_guard(self.policy)
+            _guard.install_guard(_guard.FetchPolicy(**self.policy))
             _guard_installed = True
         return super().__call__(row)
 
@@ -53,13 +64,9 @@ def main(params_path: str) -> int:
     with open(params_path, encoding="utf-8") as handle:
         params = json.load(handle)
     _watch_parent(int(params["parent_pid"]))
-    policy = FetchPolicy(**params["policy"])
-    install_guard(policy)
-    import importlib
-
+    _guard.install_guard(_guard.FetchPolicy(**params["policy"]))
     img2dataset_main = importlib.import_module("img2dataset.main")  # the package re-exports a `main` function
-
-    img2dataset_main.Downloader = functools.partial(GuardedDownloader, policy=policy)
+    img2dataset_main.Downloader = functools.partial(GuardedDownloader, policy=params["policy"])
     img2dataset_main.download(**params["download"])
     return 0
 
