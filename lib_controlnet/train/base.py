@@ -95,39 +95,36 @@ def _load_folder(folder: Path) -> dict:
 def _load_single_file(path: Path, config_dir: str) -> dict:
     from diffusers import StableDiffusionPipeline
 
-    config = Path(config_dir) if config_dir else _shipped_config_for(path)
-    if config is None or not (config / "model_index.json").is_file():
+    config = Path(config_dir) if config_dir else SHIPPED_CONFIGS_DIR / "base" / _checkpoint_family(path)
+    if not (config / "model_index.json").is_file():
         raise BaseModelError(f"No local config for {path.name}: set base_config to a diffusers-style folder "
                              "(model_index.json and per-part configs) for this model family.")
+    extra = {}
+    if not (config / "tokenizer").is_dir():  # the shipped configs hold none: SD1/SD2 share CLIP's vocabulary
+        from lib_controlnet.tiny_models import tokenizer
+
+        extra["tokenizer"] = tokenizer()
     pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config), local_files_only=True,
-                                                    safety_checker=None, requires_safety_checker=False)
+                                                    safety_checker=None, requires_safety_checker=False, **extra)
     return dict(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
                 scheduler=pipe.scheduler)
 
 
-def _shipped_config_for(path: Path) -> Path | None:
-    """Find a shipped diffusers-style config folder for the checkpoint's family (sd15 / sd2) by its
-    cross-attention width, if the project ships one."""
-    family = _checkpoint_family(path)
-    candidates = sorted(p.parent for p in SHIPPED_CONFIGS_DIR.rglob("model_index.json"))
-    for folder in candidates:
-        if family in folder.name.replace(".", "").replace("-", "").lower():
-            return folder
-    return None
-
-
 def _checkpoint_family(path: Path) -> str:
-    key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    """sd15 or sd2: SD2's attention projections are linear (2-D weights), SD1's are 1x1 convolutions."""
+    key = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
     if path.suffix.lower() == ".safetensors":
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as handle:
-            if key in handle.keys():
-                return "sd2" if handle.get_slice(key).get_shape()[1] == 1024 else "sd15"
-        return "sd15"
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state)
-    return "sd2" if key in state and state[key].shape[1] == 1024 else "sd15"
+            shape = handle.get_slice(key).get_shape() if key in handle.keys() else None
+    else:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+        shape = list(state[key].shape) if key in state else None
+    if shape is None:
+        raise BaseModelError(f"{path.name} holds no Stable Diffusion UNet (model.diffusion_model.*).")
+    return "sd2" if len(shape) == 2 else "sd15"
 
 
 def base_hash(path) -> str:
