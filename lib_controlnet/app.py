@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -35,10 +36,13 @@ class AppOptions:
 
 
 class StandaloneGenerator:
-    """Runs GenerationJobs on the diffusers host (lib_controlnet.generate), one at a time."""
+    """Runs GenerationJobs on the diffusers host (lib_controlnet.generate), one at a time, with the base
+    loaded once."""
 
     def __init__(self, base: Optional[Path]):
         self.base = Path(base) if base else None
+        self._pipe = None
+        self._lock = threading.Lock()  # one job at a time: hooks go on the one shared UNet
 
     def __call__(self, job: api.GenerationJob) -> api.GenerationOutput:
         from lib_controlnet import generate
@@ -47,14 +51,27 @@ class StandaloneGenerator:
             raise NoBaseModelError("No base model: start the server with --base PATH (a diffusers folder or an "
                                    "SD checkpoint).")
         seed = job.seed if job.seed is not None and job.seed >= 0 else random.randrange(2**32)
-        request = generate.GenerationRequest(
-            base=self.base, prompt=job.prompt, negative_prompt=job.negative_prompt, steps=job.steps,
-            width=job.width, height=job.height, seed=seed, guidance_scale=job.cfg_scale,
-            batch_size=job.batch_size, units=[u for u in job.units if u.is_active],
-        )
-        result = generate.generate(request)
-        return api.GenerationOutput(images=list(result.images), detected_maps=list(result.detected_maps),
-                                    infotexts=list(result.infotexts), seed=seed)
+        request = generate.GenerateRequest(
+            base=str(self.base), prompt=job.prompt, units=list(job.units), negative_prompt=job.negative_prompt,
+            steps=job.steps, width=job.width, height=job.height, seed=seed, guidance_scale=job.cfg_scale,
+            batch_size=job.batch_size)
+        with self._lock:
+            if self._pipe is None:
+                self._pipe = generate.load_base(self.base)
+            result = generate.generate(request, pipe=self._pipe)
+        maps = [result.detected[key] for key in sorted(result.detected, key=_map_order)
+                if _wants_map(job.units, key)]
+        return api.GenerationOutput(images=list(result.images), detected_maps=maps,
+                                    infotexts=[result.infotext] * len(result.images), seed=seed)
+
+
+def _map_order(key: str) -> tuple:
+    return tuple(int(part) for part in key.split("-"))
+
+
+def _wants_map(units: list, key: str) -> bool:
+    index = _map_order(key)[0]
+    return index >= len(units) or units[index].save_detected_map
 
 
 def _javascript() -> str:
@@ -105,7 +122,9 @@ def build_blocks(generator: StandaloneGenerator, unit_count: int) -> gr.Blocks:
         def on_generate(prompt_text, negative_text, w, h, n_steps, cfg_scale, seed_value, *panel_values):
             try:
                 units = [pu.unit for pu in units_from_args(panel_values, unit_count)]
-                units = [api.validate_unit(u, f"unit {i}") for i, u in enumerate(units) if u.is_active]
+                for i, unit in enumerate(units):
+                    if unit.is_active:
+                        api.validate_unit(unit, f"ControlNet unit {i}")
                 job = api.GenerationJob(prompt=prompt_text, negative_prompt=negative_text, steps=int(n_steps),
                                         width=int(w), height=int(h), seed=int(seed_value), cfg_scale=float(cfg_scale),
                                         units=units)
