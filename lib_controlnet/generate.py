@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -49,6 +49,8 @@ class GenerateRequest:
     base_config: Optional[str] = None  # diffusers config folder for a single-file base (default: shipped)
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
+    load_model: Optional[Callable] = None  # name or path -> ControlNetModel (default: the model registry/cache)
+    on_step_end: Optional[Callable[[int], None]] = None  # called with the step index after each step
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -130,7 +132,7 @@ def generate(request: GenerateRequest, pipe=None) -> GenerateResult:
     pipe.set_progress_bar_config(disable=True)
     units = list(request.units)
     job = ControlJob(units=units, width=request.width, height=request.height, steps=request.steps,
-                     device=request.device, dtype=request.dtype)
+                     device=request.device, dtype=request.dtype, load_model=request.load_model)
     controller = Controller(job)
     # The sampling loop's length is the scheduler's (PNDM adds one step): start/end are fractions of it.
     pipe.scheduler.set_timesteps(request.steps)
@@ -140,6 +142,8 @@ def generate(request: GenerateRequest, pipe=None) -> GenerateResult:
 
     def next_step(pipeline, step, timestep, callback_kwargs):
         controller.begin_step(step + 1, total)
+        if request.on_step_end is not None:
+            request.on_step_end(step)
         return callback_kwargs
 
     generator = torch.Generator("cpu").manual_seed(request.seed)

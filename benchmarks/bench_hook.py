@@ -1,0 +1,167 @@
+"""Per-step cost of our ControlNet hook, against its parts and against diffusers' StableDiffusionControlNetPipeline.
+
+    python benchmarks/bench_hook.py            # SD1.5-size UNet + ControlNet (random weights), 256x256 image
+    python benchmarks/bench_hook.py --quick    # a mid-size SD1.5-shaped model (well under a minute here)
+
+Prints three ratios (lower is better), measured in one run on the same weights and inputs:
+  hook overhead  = one hooked UNet step with one unit / (UNet step alone + ControlNet forward alone)  [<= 1.02]
+  balanced       = our per-step time / StableDiffusionControlNetPipeline's                          [<= 0.95]
+  cn-important   = ours in "ControlNet is more important" / the pipeline's guess_mode               [<= 1.00]
+Timings are medians over interleaved repeats, so a busy machine hurts both sides alike. The VAE and text
+encoder are tiny (they are outside the per-step loop); the UNet and ControlNet have the benchmarked size.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import lib_controlnet  # noqa: E402,F401  (torchvision repair first)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+SIZES = {
+    "sd15": dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8),
+    "quick": dict(sample_size=64, block_out_channels=(64, 128, 256, 256), cross_attention_dim=256, attention_head_dim=4),
+}
+
+
+def build(size: str):
+    from diffusers import ControlNetModel, DDIMScheduler, UNet2DConditionModel
+
+    from lib_controlnet import tiny_models
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SIZES[size]).eval()
+    controlnet = ControlNetModel.from_unet(unet).eval()
+    with torch.no_grad():  # ControlNet's zero convs start at zero: give them values so residuals are real work
+        for block in list(controlnet.controlnet_down_blocks) + [controlnet.controlnet_mid_block]:
+            block.weight.normal_(0, 0.02)
+    components = dict(
+        unet=unet, vae=tiny_models.tiny_vae(), text_encoder=tiny_models.tiny_text_encoder(SIZES[size]["cross_attention_dim"]),
+        tokenizer=tiny_models.tokenizer(), scheduler=DDIMScheduler.from_config(tiny_models.scheduler().config, clip_sample=False),
+        safety_checker=None, feature_extractor=None,
+    )
+    return components, controlnet
+
+
+def median_step(times: list[float]) -> float:
+    """Per-step time from the callback timestamps, leaving out the first (warm-up) step."""
+    steps = np.diff(times)[1:]
+    return float(statistics.median(steps))
+
+
+def time_pipeline(components, controlnet, hint, args, guess_mode: bool) -> float:
+    from diffusers import StableDiffusionControlNetPipeline
+
+    pipe = StableDiffusionControlNetPipeline(controlnet=controlnet, requires_safety_checker=False, **components)
+    pipe.set_progress_bar_config(disable=True)
+    stamps = [time.perf_counter()]
+
+    def stamp(pipeline, step, timestep, kwargs):
+        stamps.append(time.perf_counter())
+        return kwargs
+
+    pipe("a house", image=hint, num_inference_steps=args.steps, width=args.image, height=args.image,
+         guidance_scale=7.5, guess_mode=guess_mode, generator=torch.Generator().manual_seed(0),
+         callback_on_step_end=stamp, output_type="latent")
+    return median_step(stamps)
+
+
+def time_ours(components, controlnet, hint, args, mode: str) -> float:
+    from diffusers import StableDiffusionPipeline
+
+    from lib_controlnet.generate import GenerateRequest, generate
+    from lib_controlnet.unit import ControlUnit
+
+    pipe = StableDiffusionPipeline(requires_safety_checker=False, **components)
+    stamps = [time.perf_counter()]
+    request = GenerateRequest(
+        base="", prompt="a house", units=[ControlUnit(module="none", model="bench", image=hint, control_mode=mode)],
+        steps=args.steps, width=args.image, height=args.image, load_model=lambda name: controlnet,
+        on_step_end=lambda step: stamps.append(time.perf_counter()))
+    generate(request, pipe=pipe)
+    return median_step(stamps)
+
+
+def hook_overhead(components, controlnet, args) -> float:
+    from lib_controlnet.control import ControlJob, Controller, PreparedUnit, RowLayout
+    from lib_controlnet.hosts import diffusers as host
+    from lib_controlnet.unit import ControlUnit
+
+    unet = components["unet"]
+    latent = args.image // 8
+    x = torch.randn(2, 4, latent, latent)
+    t = torch.tensor(500)
+    context = torch.randn(2, 77, unet.config.cross_attention_dim)
+    hint = torch.rand(1, 3, args.image, args.image)
+    unit = PreparedUnit(ControlUnit(module="none", model="bench"), controlnet, hint)
+    controller = Controller(ControlJob(units=[unit], width=args.image, height=args.image, steps=10))
+    parts, hooked = [], []
+    with torch.no_grad():
+        for _ in range(args.repeats + 1):  # the first round warms up
+            start = time.perf_counter()
+            unet(x, t, context)
+            middle = time.perf_counter()
+            controlnet(x, t, context, controlnet_cond=hint.expand(2, -1, -1, -1))
+            parts.append(time.perf_counter() - start)
+            with host.hooked(unet, controller):
+                controller.begin_step(0, 10, RowLayout.diffusers_cfg(1))
+                start = time.perf_counter()
+                unet(x, t, context)
+                hooked.append(time.perf_counter() - start)
+            del middle
+    # the hooked step reuses the job's hint embedding after its first call, as in a real job
+    return statistics.median(hooked[1:]) / statistics.median(parts[1:])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="mid-size model instead of SD1.5 size")
+    parser.add_argument("--image", type=int, default=256, help="image side in pixels (latent = image / 8)")
+    parser.add_argument("--steps", type=int, default=3, help="sampling steps per run (the first is warm-up)")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 2, quick 3)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    args = parser.parse_args(argv)
+    args.repeats = args.repeats or (3 if args.quick else 2)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
+    size = "quick" if args.quick else "sd15"
+    started = time.perf_counter()
+    components, controlnet = build(size)
+    rng = np.random.RandomState(0)
+    hint = (rng.rand(args.image, args.image, 3) > 0.9).astype(np.uint8) * 255
+    from PIL import Image
+
+    hint_pil = Image.fromarray(hint)
+    print(f"model: {size} (UNet {sum(p.numel() for p in components['unet'].parameters()) / 1e6:.0f}M, ControlNet "
+          f"{sum(p.numel() for p in controlnet.parameters()) / 1e6:.0f}M params), image {args.image}x{args.image}, "
+          f"{args.steps} steps x {args.repeats} rounds, {torch.get_num_threads()} threads")
+    overhead = hook_overhead(components, controlnet, args)
+    results = {"pipe": [], "ours": [], "pipe_guess": [], "ours_control": []}
+    for _ in range(args.repeats):
+        results["pipe"].append(time_pipeline(components, controlnet, hint_pil, args, guess_mode=False))
+        results["ours"].append(time_ours(components, controlnet, hint, args, "Balanced"))
+        results["pipe_guess"].append(time_pipeline(components, controlnet, hint_pil, args, guess_mode=True))
+        results["ours_control"].append(time_ours(components, controlnet, hint, args, "ControlNet is more important"))
+    step = {name: statistics.median(values) for name, values in results.items()}
+    print(f"per step: pipeline {step['pipe']:.3f}s, ours {step['ours']:.3f}s; guess_mode {step['pipe_guess']:.3f}s, "
+          f"ours (ControlNet is more important) {step['ours_control']:.3f}s")
+    print(f"hook overhead ratio      {overhead:.3f}  (target <= 1.02)")
+    print(f"balanced ratio           {step['ours'] / step['pipe']:.3f}  (target <= 0.95)")
+    print(f"cn-important ratio       {step['ours_control'] / step['pipe_guess']:.3f}  (target <= 1.00)")
+    print(f"total {time.perf_counter() - started:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
