@@ -112,3 +112,39 @@ def test_conv_projection_stored_for_a_linear_model(controlnets, tmp_path):
     save_file(state, str(tmp_path / "folder" / "diffusion_pytorch_model.safetensors"))
     model = load_controlnet(tmp_path / "folder")
     assert_same_weights(model, source)
+
+
+CLDM_YAML = """model:
+  target: cldm.cldm.ControlLDM
+  params:
+    control_stage_config:
+      target: cldm.cldm.ControlNet
+      params:
+        num_head_channels: 16
+        use_linear_in_transformer: True
+        global_average_pooling: {pooling}
+"""
+
+
+def test_sidecar_configs_for_files_without_metadata(controlnets, tmp_path):
+    """Heads cannot be read from weights: the cldm .yaml (or a diffusers .json) next to a file supplies them."""
+    source = controlnets["sd2"]
+    ldm = diffusers_to_ldm(source.state_dict(), prefix="control_model.")
+    save_file(ldm, str(tmp_path / "control_sd21_tiny.safetensors"))
+    (tmp_path / "control_sd21_tiny.yaml").write_text(CLDM_YAML.format(pooling="False"))
+    model = load_controlnet(tmp_path / "control_sd21_tiny.safetensors")
+    assert list(model.config.attention_head_dim) == [2, 2, 4, 4]
+    assert max(float((a - b).abs().max()) for a, b in zip(residuals(source, "sd2"), residuals(model, "sd2"))) <= 1e-5
+
+    sd15 = controlnets["sd15"]
+    save_file(diffusers_to_ldm(sd15.state_dict()), str(tmp_path / "plain.safetensors"))
+    assert load_controlnet(tmp_path / "plain.safetensors").config.attention_head_dim == 8  # SD1 convention
+    sd15.save_config(str(tmp_path / "cfg"))
+    (tmp_path / "cfg" / "config.json").rename(tmp_path / "plain.json")
+    model = load_controlnet(tmp_path / "plain.safetensors")
+    assert max(float((a - b).abs().max()) for a, b in zip(residuals(sd15, "sd15"), residuals(model, "sd15"))) <= 1e-5
+
+    save_file(ldm, str(tmp_path / "control_v11e_sd15_shuffle_tiny.safetensors"))
+    assert inspect_model(tmp_path / "control_v11e_sd15_shuffle_tiny.safetensors").config["global_pool_conditions"]
+    (tmp_path / "control_sd21_tiny.yaml").write_text(CLDM_YAML.format(pooling="True"))
+    assert inspect_model(tmp_path / "control_sd21_tiny.safetensors").config["global_pool_conditions"]

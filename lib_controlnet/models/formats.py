@@ -18,6 +18,7 @@ from lib_controlnet.models import configs
 from lib_controlnet.models.errors import ModelFileError
 from lib_controlnet.models.keymap import LDM_CONTROL_PREFIX, LDM_UNET_PREFIX, ldm_to_diffusers
 from lib_controlnet.models.loading import Header, read_header, weights_file_of
+from lib_controlnet.models.sidecar import apply_overrides, sidecar_overrides
 
 # Formats
 LDM_PREFIXED = "ldm (control_model.*)"
@@ -141,9 +142,9 @@ def inspect_model(path) -> ModelInfo:
         try:
             config = json.loads(stored)
         except (json.JSONDecodeError, TypeError):
-            config = configs.config_for(shapes, base)
+            config = apply_overrides(configs.config_for(shapes, base), sidecar_overrides(path))
     else:
-        config = configs.config_for(shapes, base)
+        config = apply_overrides(configs.config_for(shapes, base), sidecar_overrides(path))
     kept = {k: v for k, v in header.shapes.items() if fmt != FULL_CHECKPOINT or k.startswith(LDM_CONTROL_PREFIX)}
     return ModelInfo(
         path=path, format=fmt, base=base,
