@@ -102,8 +102,13 @@ def load_base(path, config: Optional[str] = None, dtype=torch.float32):
                                  "use SD1.5 or SD2, or a diffusers folder.")
         config = str(BASE_CONFIGS_DIR / family)
     # The shipped configs hold no tokenizer files: every SD1/SD2 tokenizer shares CLIP's vocabulary.
-    return StableDiffusionPipeline.from_single_file(str(path), config=str(config), local_files_only=True,
-                                                    tokenizer=tiny_models.tokenizer(), **common)
+    try:
+        return StableDiffusionPipeline.from_single_file(str(path), config=str(config), local_files_only=True,
+                                                        tokenizer=tiny_models.tokenizer(), **common)
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise BaseModelError(f"Could not load {path.name} with the config in {config} ({reason}); pass "
+                             f"--base-config with a diffusers config folder that matches it.") from None
 
 
 def _detected_maps(controller: Controller) -> dict[str, np.ndarray]:

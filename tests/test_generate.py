@@ -90,3 +90,65 @@ def test_bad_input_is_one_line_and_exit_2(files, tmp_path, capsys):
     assert run_cli(files, tmp_path, f"model={files / 'cn-folder'},image={files / 'control.png'},weight=9") == 2
     assert "weight" in capsys.readouterr().err
     assert not (tmp_path / "image-0.png").exists()
+
+
+def _tiny_single_file(files):
+    """The tiny base as one ldm checkpoint: UNet via the models engineer's converter, CLIP under
+    cond_stage_model.transformer, and a VAE built by the WebUI's own ldm Encoder/Decoder (random weights)."""
+    from diffusers import StableDiffusionPipeline
+    from ldm.modules.diffusionmodules.model import Decoder, Encoder
+    from safetensors.torch import save_file
+
+    from lib_controlnet.models import unet_diffusers_to_ldm
+
+    folder = StableDiffusionPipeline.from_pretrained(files / "base", local_files_only=True)
+    state = unet_diffusers_to_ldm(folder.unet.state_dict(), prefix="model.diffusion_model.")
+    state.update({"cond_stage_model.transformer." + k: v for k, v in folder.text_encoder.state_dict().items()})
+    torch.manual_seed(0)
+    ddconfig = dict(ch=32, out_ch=3, ch_mult=(1, 1, 2, 2), num_res_blocks=1, attn_resolutions=[], in_channels=3,
+                    resolution=128, z_channels=4, double_z=True)
+    vae = {**{"encoder." + k: v for k, v in Encoder(**ddconfig).state_dict().items()},
+           **{"decoder." + k: v for k, v in Decoder(**ddconfig).state_dict().items()},
+           "quant_conv.weight": torch.randn(8, 8, 1, 1) * 0.1, "quant_conv.bias": torch.zeros(8),
+           "post_quant_conv.weight": torch.randn(4, 4, 1, 1) * 0.1, "post_quant_conv.bias": torch.zeros(4)}
+    state.update({"first_stage_model." + k: v for k, v in vae.items()})
+    path = files / "tiny-sd15.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return folder, path
+
+
+def test_single_file_base_loads_offline_with_a_config_folder(files, tmp_path, capsys):
+    from lib_controlnet.generate import BaseModelError, load_base
+
+    folder, path = _tiny_single_file(files)
+    loaded = load_base(path, config=str(files / "base"))
+    for part in ("unet", "text_encoder"):
+        ours, theirs = getattr(loaded, part).state_dict(), getattr(folder, part).state_dict()
+        assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    unit = f"module=none,model={files / 'cn-folder'},image={files / 'control.png'}"
+    assert main(["generate", "--base", str(path), "--base-config", str(files / "base"), "--prompt", "a", "--unit", unit,
+                 "--steps", "2", "--size", "64x64", "--out", str(tmp_path)]) == 0
+    assert Image.open(tmp_path / "image-0.png").size == (64, 64)
+    # Without --base-config the shipped SD1.5 config is used, which this tiny file does not fit: one sentence.
+    with pytest.raises(BaseModelError, match="--base-config"):
+        load_base(path)
+
+
+@pytest.mark.parametrize("family, unet_m, text_m", [("sd15", 859.5, 123.1), ("sd2", 865.9, 340.4)])
+def test_shipped_base_configs_have_the_real_models_sizes(family, unet_m, text_m):
+    """The shipped configs build UNets and text encoders with SD1.5's / SD2.1's parameter counts (on the meta
+    device, so nothing is allocated)."""
+    import json
+
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from lib_controlnet.generate import BASE_CONFIGS_DIR
+
+    root = BASE_CONFIGS_DIR / family
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(json.loads((root / "unet" / "config.json").read_text()))
+        text = CLIPTextModel(CLIPTextConfig.from_json_file(str(root / "text_encoder" / "config.json")))
+    assert round(sum(p.numel() for p in unet.parameters()) / 1e6, 1) == unet_m
+    assert round(sum(p.numel() for p in text.parameters()) / 1e6, 1) == text_m
