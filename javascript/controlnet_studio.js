@@ -26,7 +26,13 @@
         if (event.target.closest && event.target.closest(".cnet-unit-enabled")) syncTabTitles();
     }, true);
     // Values pasted from infotext or set by the server do not fire DOM change events: watch the DOM too.
-    new MutationObserver(function () { syncTabTitles(); })
+    // Coalesced to one pass per frame: the WebUI's page mutates constantly (progress bars, galleries).
+    var pending = false;
+    new MutationObserver(function () {
+        if (pending) return;
+        pending = true;
+        window.requestAnimationFrame(function () { pending = false; syncTabTitles(); });
+    })
         .observe(document.documentElement, {childList: true, subtree: true, attributes: true, attributeFilter: ["class"]});
     syncTabTitles();
 })();
