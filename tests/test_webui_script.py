@@ -301,6 +301,11 @@ def test_infotext_pastes_back_into_the_panel(txt2img_script, photo):
     assert values["ControlNet 0 weight"] == 0.75 and values["ControlNet 0 guidance_end"] == 0.8
     assert values["ControlNet 0 control_mode"] == "My prompt is more important"
     assert values["ControlNet 0 pixel_perfect"] is True
+    assert values["ControlNet 0 control_type"] == "Canny"
+    # the short names some infotexts hold are pasted as the labels the panel lists
+    params = infotext_utils.parse_generation_parameters('x\nSteps: 2, Seed: 1, ControlNet 0: "Module: depth, '
+                                                        'Model: None, Weight: 0.5"')
+    assert params["ControlNet 0 module"] == "depth_midas" and params["ControlNet 0 control_type"] == "Depth"
 
 
 def test_api_args_and_bad_units(txt2img_script, photo):

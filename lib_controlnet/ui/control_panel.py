@@ -82,11 +82,15 @@ def on_module_change(module: str, pixel_perfect: bool):
     return resolution, _slider_update(layout.threshold_a), _slider_update(layout.threshold_b)
 
 
-def on_control_type_change(control_type: str):
+def on_control_type_change(control_type: str, module: str, model: str):
+    """Offer the type's preprocessors and models; keep the current choices when the type offers them (so
+    pasted parameters, which set type, module and model together, survive this event)."""
     types = catalog.control_types()
     entry = types.get(control_type) or types[catalog.ALL_TYPES]
-    return (gr.update(choices=entry["module_list"], value=entry["default_option"]),
-            gr.update(choices=entry["model_list"], value=entry["default_model"]))
+    keep_module = module in entry["module_list"] and module != catalog.NO_MODULE
+    keep_model = model in entry["model_list"] and model != catalog.NO_MODEL
+    return (gr.update(choices=entry["module_list"], value=module if keep_module else entry["default_option"]),
+            gr.update(choices=entry["model_list"], value=model if keep_model else entry["default_model"]))
 
 
 def refresh_models(control_type: str, current: str):
@@ -139,7 +143,8 @@ def _build_unit(index: int, options: PanelOptions, modules: list, models: list, 
         with gr.Tab("Single image", elem_id=eid("single_tab")):
             with gr.Row():
                 c["image"] = gr.Image(source="upload", tool="sketch", type="numpy", label="Control image",
-                                      elem_id=eid("image"), elem_classes=["cnet-image"], brush_radius=20)
+                                      elem_id=eid("image"), elem_classes=["cnet-image"], brush_radius=20,
+                                      visible=not options.is_img2img)
                 preview = gr.Image(label="Detected map", interactive=False, elem_id=eid("preview"),
                                    elem_classes=["cnet-preview"])
         with gr.Tab("Batch", elem_id=eid("batch_tab")):
@@ -188,7 +193,11 @@ def _build_unit(index: int, options: PanelOptions, modules: list, models: list, 
     sliders = [c["processor_res"], c["threshold_a"], c["threshold_b"]]
     c["module"].change(on_module_change, [c["module"], c["pixel_perfect"]], sliders, queue=False)
     c["pixel_perfect"].change(on_module_change, [c["module"], c["pixel_perfect"]], sliders, queue=False)
-    c["control_type"].change(on_control_type_change, [c["control_type"]], [c["module"], c["model"]], queue=False)
+    c["control_type"].change(on_control_type_change, [c["control_type"], c["module"], c["model"]],
+                             [c["module"], c["model"]], queue=False)
+    if options.is_img2img:  # the unit's own image only matters when it does not follow the img2img input
+        c["independent_image"].change(lambda own: gr.update(visible=own), [c["independent_image"]], [c["image"]],
+                                      queue=False)
     refresh.click(refresh_models, [c["control_type"], c["model"]], [c["model"]], queue=False)
     size = [options.width, options.height] if options.width is not None and options.height is not None else []
     preview_inputs = [c["image"], c["module"], c["processor_res"], c["threshold_a"], c["threshold_b"],

@@ -6,6 +6,7 @@ import logging
 import re
 
 from lib_controlnet.settings import get_settings
+from lib_controlnet.ui import catalog
 from lib_controlnet.ui.control_panel import paste_key
 from lib_controlnet.ui.unit_args import UNIT_FIELDS
 from lib_controlnet.unit import ControlUnit
@@ -41,6 +42,27 @@ def pasted_values(unit: ControlUnit) -> dict:
     return {name: data[name] for name in UNIT_FIELDS if name in data and name not in _NOT_PASTED}
 
 
+def _panel_module_name(module: str) -> str:
+    """The panel lists preprocessors by label ("depth_midas"); infotexts may hold the short name ("depth")."""
+    try:
+        return catalog.get_preprocessor(module).label
+    except Exception:  # unknown here: paste it as written, the panel will say so on generate
+        return module
+
+
+def _control_type_of(module: str) -> str:
+    """The control type whose list offers `module`, so that the panel shows it as chosen."""
+    try:
+        types = catalog.control_types()
+        pre = catalog.get_preprocessor(module)
+    except Exception:  # unknown module: the unfiltered list
+        return catalog.ALL_TYPES
+    for type_name, entry in types.items():
+        if type_name != catalog.ALL_TYPES and pre.label in entry["module_list"]:
+            return type_name
+    return catalog.ALL_TYPES
+
+
 def on_infotext_pasted(infotext_text: str, params: dict) -> None:
     """Expand each `ControlNet N` entry into per-field keys the panel's infotext_fields read; units that the
     text does not mention are switched off, so pasting never leaves an old unit silently enabled."""
@@ -60,5 +82,6 @@ def on_infotext_pasted(infotext_text: str, params: dict) -> None:
             continue
         for field, value in pasted_values(unit).items():
             params[paste_key(index, field)] = value
+        params[paste_key(index, "module")] = _panel_module_name(unit.module)
         params[paste_key(index, "enabled")] = True
-        params.setdefault(paste_key(index, "control_type"), "All")
+        params[paste_key(index, "control_type")] = _control_type_of(unit.module)
