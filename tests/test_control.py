@@ -193,3 +193,20 @@ def test_diffusers_hook_gone_after_failure_and_wrappers_still_run(sd15, failure)
     assert ran == ["their hook"]
     assert not unet._forward_pre_hooks and not unet._forward_hooks
     assert torch.equal(unet_with(unet, data), before)
+
+
+def test_webui_row_layouts():
+    layout = RowLayout.webui_cfg([2, 1])  # image 0 has an AND-prompt: two conditional rows
+    assert layout.cond == (True, True, True, False, False) and layout.image_index == (0, 0, 1, 0, 1)
+    assert RowLayout.webui_cfg([1, 1], skip_uncond=True).cond == (True, True)
+    edit = RowLayout.webui_cfg([1], is_edit_model=True)
+    assert edit.cond == (True, False, False) and edit.image_index == (0, 0, 0)
+    assert RowLayout.diffusers_cfg(2).cond == (False, False, True, True)
+
+
+def test_low_vram_unit_gives_the_same_result(sd15):
+    unet, controlnet, _, data = sd15
+    normal = hooked_output(unet, controller([PreparedUnit(unit(), controlnet, data["hint"])]), data)
+    low = hooked_output(unet, controller([PreparedUnit(unit(low_vram=True), controlnet, data["hint"])]), data)
+    assert torch.equal(normal, low)
+    assert controlnet.device.type == "cpu"  # back on the offload device
