@@ -107,3 +107,14 @@ def test_bad_input_shows_an_error_and_the_page_keeps_working(page):
     page.screenshot(path=str(ARTIFACTS / "browser-error.png"), full_page=True)
     assert "ControlNet unit 0" in toast.inner_text()
     assert page.locator("#txt2img_generate").is_enabled()
+
+
+def test_dataset_and_train_tabs_are_mounted(page):
+    for title in ("Dataset", "Train"):
+        page.locator("#tabs button", has_text=title).first.click()
+        panel = page.locator(f"#tab_{title.lower()}")
+        panel.wait_for(state="visible")
+        page.screenshot(path=str(ARTIFACTS / f"browser-tab-{title.lower()}.png"), full_page=True)
+        assert "not available in this build" not in panel.inner_text()
+        assert panel.locator("button, input, textarea").count() > 0
+    page.locator("#tabs button", has_text="txt2img").first.click()
