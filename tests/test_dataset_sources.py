@@ -222,3 +222,27 @@ def test_dataset_tab_builds_and_runs(tmp_path):
     values.update(image_dir="", out_dir=str(tmp_path / "none"))
     text, _ = list(tab["on_build"](*[values[name] for name in FIELDS]))[-1]
     assert text.startswith("error:") and "source" in text
+
+
+def test_knn_example_images_and_merge_by_url_and_id(tmp_path):
+    import base64
+
+    from lib_controlnet.dataset.config import BuildConfig
+    from lib_controlnet.dataset.sources.knn import retrieve
+
+    catalog = [{"id": 1, "url": "http://x/1.jpg", "caption": "a red chair"},
+               {"id": 2, "url": "http://x/2.jpg", "caption": "a blue chair"},
+               {"id": 1, "url": "http://x/1-copy.jpg", "caption": "a red chair again"},
+               {"id": 3, "url": "http://x/2.jpg", "caption": "same url, other id"}]
+    (tmp_path / "cat.json").write_text(json.dumps(catalog))
+    example = tmp_path / "example.png"
+    Image.new("RGB", (8, 8), "red").save(example)
+    log = tmp_path / "log.jsonl"
+    with serve("knn_service.py", str(tmp_path / "cat.json"), "--log", str(log)) as knn:
+        got = retrieve(BuildConfig(knn_url=knn, indice_name="test_index", prompts=["red chair", "blue chair"],
+                                   example_images=[str(example), "http://x/query.jpg"], modality="text"))
+    assert [r["url"] for r in got] == ["http://x/1.jpg", "http://x/2.jpg"]
+    sent = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [s.get("text") for s in sent[:2]] == ["red chair", "blue chair"]
+    assert base64.b64decode(sent[2]["image"]) == example.read_bytes() and sent[3]["image_url"] == "http://x/query.jpg"
+    assert all(s["modality"] == "text" for s in sent)
