@@ -219,6 +219,7 @@ def test_dataset_tab_builds_and_runs(tmp_path):
     updates = list(tab["on_build"](*[values[name] for name in FIELDS]))
     text, gallery = updates[-1]
     assert "done: 2 samples" in text and len(gallery) == 4
+    assert tab["on_refresh"]("")[0] == text
     values.update(image_dir="", out_dir=str(tmp_path / "none"))
     text, _ = list(tab["on_build"](*[values[name] for name in FIELDS]))[-1]
     assert text.startswith("error:") and "source" in text

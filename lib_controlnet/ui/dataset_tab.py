@@ -2,7 +2,8 @@
 preview gallery. It drives the same resumable job as `python -m lib_controlnet dataset build`, in a thread.
 
 `build_dataset_tab()` adds its components to the Blocks context it is called in (the WebUI's own tab, or the
-standalone app's). Progress streams from a generator, so the Blocks need `.queue()` (the WebUI has it on).
+standalone app's). Progress streams from a generator, so the Blocks need `.queue()` (the WebUI has it on);
+without a queue, the Refresh button shows the same progress on demand.
 """
 from __future__ import annotations
 
@@ -138,6 +139,7 @@ def build_dataset_tab(runner: BackgroundBuild | None = None):
         with gr.Row():
             build = gr.Button("Build dataset", variant="primary", elem_id="cnds_build")
             cancel = gr.Button("Cancel", elem_id="cnds_cancel")
+            refresh = gr.Button("Refresh progress", elem_id="cnds_refresh")
         status = gr.Textbox(label="Progress", lines=7, interactive=False, elem_id="cnds_status")
         gallery = gr.Gallery(label="Preview (image, conditioning)", columns=4, elem_id="cnds_gallery")
 
@@ -157,7 +159,11 @@ def build_dataset_tab(runner: BackgroundBuild | None = None):
         runner.cancel()
         return runner.status_text()
 
+    def on_refresh(out_dir):
+        return runner.status_text(), preview_images(runner.config.out_dir if runner.config else out_dir)
+
     build.click(on_build, [c[name] for name in FIELDS], [status, gallery])
     cancel.click(on_cancel, None, [status])
+    refresh.click(on_refresh, [c["out_dir"]], [status, gallery])  # also works where the queue is off
     return {"components": c, "build": build, "cancel": cancel, "status": status, "gallery": gallery,
-            "runner": runner, "on_build": on_build, "on_cancel": on_cancel}
+            "runner": runner, "on_build": on_build, "on_cancel": on_cancel, "on_refresh": on_refresh}
