@@ -169,19 +169,29 @@ def _detect(request: DetectRequest) -> dict:
         raise PayloadError("controlnet_processor_res", f"must be -1 (default) or 64..4096, got {res}")
     decoded = [decode_image(image, f"controlnet_input_images[{i}]")
                for i, image in enumerate(request.controlnet_input_images)]
-    for i, mask in enumerate(request.controlnet_masks):
-        decode_image(mask, f"controlnet_masks[{i}]")
+    masks = [decode_image(mask, f"controlnet_masks[{i}]") for i, mask in enumerate(request.controlnet_masks)]
+    if masks and len(masks) != len(decoded):
+        raise PayloadError("controlnet_masks", f"give one mask per input image ({len(decoded)}), got {len(masks)}")
     threshold_a = None if request.controlnet_threshold_a == -1 else request.controlnet_threshold_a
     threshold_b = None if request.controlnet_threshold_b == -1 else request.controlnet_threshold_b
-    maps = []
+    resolution = 512 if res == -1 else res
+    is_pose = catalog.get_preprocessor(module).name.startswith("openpose")
+    maps, poses = [], []
     for i, image in enumerate(decoded):
         try:
-            detected = preprocess.run(module, image, resolution=512 if res == -1 else res,
-                                      threshold_a=threshold_a, threshold_b=threshold_b)
+            if is_pose:  # the WebUI API also returns the keypoints (OpenPose JSON) for these
+                detected, keypoints = preprocess.run_pose(module, image, resolution=resolution)
+                poses.append(keypoints)
+            else:
+                detected = preprocess.run(module, image, resolution=resolution, threshold_a=threshold_a,
+                                          threshold_b=threshold_b, mask=masks[i] if masks else None)
         except UserError as error:
             raise PayloadError(f"controlnet_input_images[{i}]", str(error)) from None
         maps.append(encode_png_base64(detected))
-    return {"images": maps, "info": "Success"}
+    answer = {"images": maps, "info": "Success"}
+    if poses:
+        answer["poses"] = poses
+    return answer
 
 
 def register_routes(app: FastAPI) -> None:

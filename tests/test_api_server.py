@@ -114,6 +114,20 @@ def test_detect_takes_data_urls_and_several_images(server, photo):
     assert _decode(body["images"][1]).shape[:2] != _decode(body["images"][0]).shape[:2]
 
 
+def test_detect_passes_masks_to_mask_aware_preprocessors(server, photo):
+    from lib_controlnet import preprocess
+
+    mask = np.zeros_like(photo)
+    mask[32:96, 32:96] = 255
+    payload = {"controlnet_module": "inpaint_only", "controlnet_input_images": [_png_b64(photo)],
+               "controlnet_masks": [_png_b64(mask)]}
+    body = server.post("/controlnet/detect", json=payload).json()
+    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["images"][0]))))
+    np.testing.assert_array_equal(got, preprocess.run("inpaint_only", photo, mask=mask))
+    short = dict(payload, controlnet_masks=[])
+    assert server.post("/controlnet/detect", json=dict(short, controlnet_masks=[_png_b64(mask)] * 2)).status_code == 422
+
+
 @pytest.mark.parametrize("payload, field", [
     ({"controlnet_module": "no_such_module", "controlnet_input_images": ["x"]}, "controlnet_module"),
     ({"controlnet_module": "canny", "controlnet_input_images": ["%%% not base64 %%%"]},
@@ -217,3 +231,13 @@ def test_txt2img_bad_payloads_answer_422(server, payload, field):
                                                           **payload))
     _assert_422(response, field)
     assert server.alive()
+
+
+def test_serve_refuses_bad_flags_in_one_line():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "lib_controlnet", "serve", "--base", "/no/such/base"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "--base /no/such/base does not exist" in done.stderr and "Traceback" not in done.stderr
