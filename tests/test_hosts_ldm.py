@@ -121,3 +121,14 @@ def test_other_extensions_wrappers_still_run(pair):
 
 def _hook_count(module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
+
+
+def test_install_clears_hooks_a_dead_job_left_behind(pair):
+    family, unet, controlnet, ldm_unet, data = pair
+    first = host.install(ldm_unet, make_controller(controlnet, data))  # never removed: the job "died"
+    one_set = _hook_count(ldm_unet)
+    second = host.install(ldm_unet, make_controller(controlnet, data))
+    assert _hook_count(ldm_unet) == one_set
+    second.remove()
+    first.remove()  # idempotent, harmless
+    assert _hook_count(ldm_unet) == 0

@@ -7,6 +7,16 @@ Module hooks only, never a replaced `forward`, so other extensions that wrap the
   there, and not to input block k's own output, keeps the encoder's path untouched, as ControlNet defines;
 - a forward hook on `middle_block` adds the last residual to its output.
 All hooks go away when the `hooked` block ends: after success, an exception, or the user's Interrupt.
+
+How the WebUI layer drives it, per job:
+    controller = Controller(ControlJob(units, width, height, steps, hires_fix=p.enable_hr, device=..., dtype=...))
+    installed = install(unet, controller)          # in process(); `installed.remove()` in postprocess()
+    each step (on_cfg_denoiser): controller.begin_step(params.sampling_step, params.total_sampling_steps,
+                                                      RowLayout.webui_cfg(repeats, skip_uncond, is_edit_model))
+    hires-fix pass: controller.set_pass(True, hr_width, hr_height, steps=hr_steps)
+SDXL: sgm's UNetModel has the same input_blocks / middle_block / output_blocks and passes `y`, so the same hooks
+serve it. (sgm cannot be installed here; tests build its SDXL layout on the ldm class with label_emb as sgm's
+num_classes="sequential" Sequential(Sequential(Linear, SiLU, Linear)) and feed it `y`.)
 """
 from __future__ import annotations
 
@@ -71,9 +81,31 @@ def _middle_hook(state: _State):
     return hook
 
 
-@contextlib.contextmanager
-def hooked(unet, controller: Controller) -> Iterator[Controller]:
-    """Control the ldm/sgm `unet` with `controller` inside the block; nothing of ours remains afterwards."""
+class Installed:
+    """Our hooks on one UNet. `remove()` is idempotent; prefer the `hooked` context manager where the job is one
+    block of code. The WebUI's Script lifecycle spreads a job over callbacks, so it installs in `process` and
+    removes in `postprocess`, and `install` first removes whatever an earlier job that died left behind."""
+
+    def __init__(self, unet, controller: Controller, handles: list, state: _State):
+        self.unet, self.controller, self._handles, self._state = unet, controller, handles, state
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._state.residuals = None
+        _installed.pop(id(self.unet), None)
+        self.controller.close()
+
+
+_installed: dict[int, Installed] = {}
+
+
+def install(unet, controller: Controller) -> Installed:
+    """Hook `controller` into the ldm/sgm `unet` until `.remove()`."""
+    stale = _installed.get(id(unet))
+    if stale is not None:
+        stale.remove()
     n_inputs = len(unet.input_blocks)
     if len(unet.output_blocks) != n_inputs:
         raise ControlError("This UNet's decoder does not mirror its encoder; ControlNet cannot be applied.")
@@ -84,15 +116,25 @@ def hooked(unet, controller: Controller) -> Iterator[Controller]:
                 f"{n_inputs + 1}: it was made for another base model (SD1.5 / SD2 / SDXL).")
     state = _State()
     handles = []
+    installed = Installed(unet, controller, handles, state)
     try:
         handles.append(unet.register_forward_pre_hook(_unet_pre_hook(controller, state), with_kwargs=True))
         handles.append(unet.register_forward_hook(_unet_post_hook(state), with_kwargs=True))
         for j, block in enumerate(unet.output_blocks):
             handles.append(block.register_forward_pre_hook(_skip_hook(state, n_inputs - 1 - j)))
         handles.append(unet.middle_block.register_forward_hook(_middle_hook(state)))
+    except BaseException:
+        installed.remove()
+        raise
+    _installed[id(unet)] = installed
+    return installed
+
+
+@contextlib.contextmanager
+def hooked(unet, controller: Controller) -> Iterator[Controller]:
+    """Control the ldm/sgm `unet` with `controller` inside the block; nothing of ours remains afterwards."""
+    installed = install(unet, controller)
+    try:
         yield controller
     finally:
-        for handle in handles:
-            handle.remove()
-        state.residuals = None
-        controller.close()
+        installed.remove()
