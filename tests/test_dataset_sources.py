@@ -247,3 +247,23 @@ def test_knn_example_images_and_merge_by_url_and_id(tmp_path):
     assert [s.get("text") for s in sent[:2]] == ["red chair", "blue chair"]
     assert base64.b64decode(sent[2]["image"]) == example.read_bytes() and sent[3]["image_url"] == "http://x/query.jpg"
     assert all(s["modality"] == "text" for s in sent)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.servers.image_host import png_bomb
+
+    images = make_images(tmp_path / "images", 1)
+    (images / "bomb.png").write_bytes(png_bomb(3000))
+    result = subprocess.run([sys.executable, "-m", "lib_controlnet", "dataset", "build", "--out", str(tmp_path / "o")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "source" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "lib_controlnet", "dataset", "build", "--out", str(tmp_path / "o2"),
+                             "--image-dir", str(images), "--image-size", "16", "--max-image-pixels", "1000000",
+                             "--quiet"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "wrote 1 samples" in result.stdout
+    failures = (tmp_path / "o2" / "failures.jsonl").read_text()
+    assert "bomb.png" in failures and "decompression bomb" in failures

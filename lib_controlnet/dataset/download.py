@@ -140,6 +140,20 @@ def read_local_bytes(url: str, config, cache: dict) -> bytes:
     return Path(url).read_bytes()
 
 
+def _too_many_pixels(data: bytes, limit: int) -> Optional[str]:
+    """Read only the header: the size is known before anything is decoded (decompression bomb guard)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except Exception:  # not an image Pillow knows; the resizer will say so
+        return None
+    if width * height > limit:
+        return f"image has {width}x{height} pixels, more than max_image_pixels allows (decompression bomb guard)"
+    return None
+
+
 def download_local_shard(rows: list[dict], shard: int, config, out_path: Path) -> None:
     """Resize one shard of local/HF images with img2dataset's Resizer and write it like img2dataset would."""
     import pyarrow as pa
@@ -155,6 +169,9 @@ def download_local_shard(rows: list[dict], shard: int, config, out_path: Path) -
             data = read_local_bytes(row["url"], config, cache)
             if len(data) > config.max_image_bytes:
                 raise ValueError(f"image larger than {config.max_image_bytes} bytes")
+            too_big = _too_many_pixels(data, config.max_image_pixels)
+            if too_big:
+                raise ValueError(too_big)
             image, width, height, _, _, error = resizer(io.BytesIO(data))
         except Exception as failure:  # one unreadable file is a logged failure, never the end of the build
             image, width, height, error = None, None, None, f"cannot read: {failure}"
