@@ -28,24 +28,32 @@ from pathlib import Path
 from img2dataset.downloader import Downloader
 
 _GUARD_MODULE = "controlnet_studio_fetch_guard"
-if _GUARD_MODULE not in sys.modules:
-    _spec = importlib.util.spec_from_file_location(_GUARD_MODULE, Path(__file__).with_name("safety.py"))
-    _guard = importlib.util.module_from_spec(_spec)
-    sys.modules[_GUARD_MODULE] = _guard
-    _spec.loader.exec_module(_guard)
-_guard = sys.modules[_GUARD_MODULE]
+_SAFETY_FILE = str(Path(__file__).resolve().with_name("safety.py"))
 _guard_installed = False
+
+
+def _guard(path: str = _SAFETY_FILE):
+    """safety.py as a module, loaded from its file once per process (also in pyspark/ray executors, which
+    receive GuardedDownloader pickled by value and so never run this file's top level)."""
+    if _GUARD_MODULE not in sys.modules:
+        spec = importlib.util.spec_from_file_location(_GUARD_MODULE, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[_GUARD_MODULE] = module
+        spec.loader.exec_module(module)
+    return sys.modules[_GUARD_MODULE]
 
 
 class GuardedDownloader(Downloader):
     def __init__(self, *args, policy: dict, **kwargs):
         super().__init__(*args, **kwargs)
-        self.policy = policy  # a dict: plain data pickles into any worker
+        self.policy = policy  # plain data: pickles into any worker
+        self.safety_file = _SAFETY_FILE
 
     def __call__(self, row):
         global _guard_installed
         if not _guard_installed:
-            _guard.install_guard(_guard.FetchPolicy(**self.policy))
+            guard = _guard(self.safety_file)
+            guard.install_guard(guard.FetchPolicy(**self.policy))
             _guard_installed = True
         return super().__call__(row)
 
@@ -64,7 +72,8 @@ def main(params_path: str) -> int:
     with open(params_path, encoding="utf-8") as handle:
         params = json.load(handle)
     _watch_parent(int(params["parent_pid"]))
-    _guard.install_guard(_guard.FetchPolicy(**params["policy"]))
+    guard = _guard()
+    guard.install_guard(guard.FetchPolicy(**params["policy"]))
     img2dataset_main = importlib.import_module("img2dataset.main")  # the package re-exports a `main` function
     img2dataset_main.Downloader = functools.partial(GuardedDownloader, policy=params["policy"])
     img2dataset_main.download(**params["download"])
