@@ -154,7 +154,8 @@ class BuildConfig:
         check(self.image_size >= 8, "image_size must be at least 8 pixels.")
         check(self.num_images >= 1, "num_images must be at least 1.")
         check(self.thread_count >= 1 and self.processes_count >= 1, "thread_count and processes_count must be >= 1.")
-        check(self.samples_per_shard >= 1, "samples_per_shard must be at least 1.")
+        # img2dataset derives sample keys from log10(samples_per_shard): with 1 they would collide
+        check(self.samples_per_shard >= 2, "samples_per_shard must be at least 2.")
         check(self.timeout > 0, "timeout must be positive.")
         check(self.retries >= 0, "retries cannot be negative.")
         check(self.max_image_bytes > 0 and self.max_image_pixels > 0, "max_image_bytes and max_image_pixels must be positive.")
