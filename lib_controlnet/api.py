@@ -9,7 +9,6 @@ import base64
 import dataclasses
 import io
 import json
-import logging
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from fastapi import FastAPI, HTTPException
@@ -20,7 +19,6 @@ from lib_controlnet.settings import get_settings
 from lib_controlnet.ui import catalog
 from lib_controlnet.unit import ControlUnit, ControlUnitError
 
-log = logging.getLogger(__name__)
 
 # The WebUI ControlNet API version clients check before using the routes below.
 API_VERSION = 2
@@ -196,6 +194,8 @@ def _detect(request: DetectRequest) -> dict:
 
 def register_routes(app: FastAPI) -> None:
     """Add the `/controlnet/*` routes to a FastAPI app (the WebUI's or the standalone server's)."""
+    if any(getattr(route, "path", None) == "/controlnet/version" for route in app.routes):
+        return  # the WebUI runs app_started callbacks again after "Reload UI", on the same app
 
     @app.get("/controlnet/version")
     def version():

@@ -3,7 +3,6 @@ same HTTP routes as inside the WebUI (plus `/sdapi/v1/txt2img`), on one FastAPI 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import random
 import threading
 from pathlib import Path
@@ -15,11 +14,11 @@ from fastapi import FastAPI
 from lib_controlnet import api
 from lib_controlnet.errors import UserError
 from lib_controlnet.settings import EXTENSION_ROOT, get_settings
+from lib_controlnet.ui.batch_folder import folder_images, pick
 from lib_controlnet.ui.control_panel import PanelOptions, build_control_panel
 from lib_controlnet.ui.unit_args import units_from_args
 from lib_controlnet.unit import ControlUnitError
 
-log = logging.getLogger(__name__)
 
 JAVASCRIPT_DIR = EXTENSION_ROOT / "javascript"
 STYLE_FILE = EXTENSION_ROOT / "style.css"
@@ -74,6 +73,27 @@ def _wants_map(units: list, key: str) -> bool:
     return index >= len(units) or units[index].save_detected_map
 
 
+def batch_jobs(units: list) -> list[list]:
+    """The units of each generation: one job, or one per image when a unit takes its images from a folder."""
+    folders = {}
+    for i, unit in enumerate(units):
+        if unit.is_active and unit.batch_image_dir:
+            masks = folder_images(unit.batch_mask_dir, "batch mask") if unit.batch_mask_dir else None
+            folders[i] = (folder_images(unit.batch_image_dir, "batch input"), masks)
+    if not folders:
+        return [units]
+    count = max(len(images) for images, _ in folders.values())
+    jobs = []
+    for k in range(count):
+        job_units = list(units)
+        for i, (images, masks) in folders.items():
+            image = str(pick(images, k, 1)[0])
+            mask = str(pick(masks, k, 1)[0]) if masks else None
+            job_units[i] = units[i].replace(image=image, mask=mask)
+        jobs.append(job_units)
+    return jobs
+
+
 def _javascript() -> str:
     # The WebUI loads javascript/*.js itself; here gradio runs them once the page is up.
     parts = [p.read_text(encoding="utf-8") for p in sorted(JAVASCRIPT_DIR.glob("*.js"))]
@@ -125,13 +145,17 @@ def build_blocks(generator: StandaloneGenerator, unit_count: int) -> gr.Blocks:
                 for i, unit in enumerate(units):
                     if unit.is_active:
                         api.validate_unit(unit, f"ControlNet unit {i}")
-                job = api.GenerationJob(prompt=prompt_text, negative_prompt=negative_text, steps=int(n_steps),
-                                        width=int(w), height=int(h), seed=int(seed_value), cfg_scale=float(cfg_scale),
-                                        units=units)
-                output = generator(job)
+                gallery_items, infotexts = [], []
+                for job_units in batch_jobs(units):  # batch mode: one generation per folder image
+                    job = api.GenerationJob(prompt=prompt_text, negative_prompt=negative_text, steps=int(n_steps),
+                                            width=int(w), height=int(h), seed=int(seed_value),
+                                            cfg_scale=float(cfg_scale), units=job_units)
+                    output = generator(job)
+                    gallery_items += list(output.images) + list(output.detected_maps)
+                    infotexts += output.infotexts[:1]
             except (UserError, ControlUnitError) as error:
                 raise gr.Error(str(error)) from None
-            return list(output.images) + list(output.detected_maps), "\n\n".join(output.infotexts)
+            return gallery_items, "\n\n".join(infotexts)
 
         run_button.click(on_generate, [prompt, negative, width, height, steps, cfg, seed] + panel.inputs(),
                          [gallery, info])

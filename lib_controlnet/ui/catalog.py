@@ -6,11 +6,11 @@ preprocessor and model registries, so the dropdowns and `/controlnet/*` answers 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 ALL_TYPES = "All"
 NO_MODEL = "None"
 NO_MODULE = "none"
+
 
 def _preprocess():
     from lib_controlnet import preprocess  # imported late: the preprocessor registry loads annotator code
@@ -67,34 +67,15 @@ def find_model(name: str):
     return _models().get_registry().find(name)
 
 
-def _type_modules(raw: Any) -> list[str]:
-    if isinstance(raw, dict):
-        for key in ("module_list", "modules", "preprocessors"):
-            if key in raw:
-                return list(raw[key])
-        return []
-    if isinstance(raw, (list, tuple)):
-        return [getattr(m, "name", m) for m in raw]
-    return []
-
-
-def _type_default(raw: Any, modules: list[str]) -> str:
-    if isinstance(raw, dict):
-        for key in ("default_option", "default", "default_module"):
-            if raw.get(key):
-                return raw[key]
-    non_trivial = [m for m in modules if m != NO_MODULE]
-    return non_trivial[0] if non_trivial else NO_MODULE
-
-
 def _model_matches(type_name: str, model: str) -> bool:
-    # Model file names carry their type ("control_v11p_sd15_canny", "t2i-openpose", "...-depth-..."), as
+    # Model file names carry their type ("control_v11p_sd15_canny", "t2iadapter_depth", "...tile..."), as
     # users and the other WebUI extension rely on; a few types are spelled differently in file names.
     spellings = {"softedge": ("softedge", "hed", "pidi"), "segmentation": ("seg",), "normalmap": ("normal",),
-                 "openpose": ("openpose", "pose"), "instructp2p": ("ip2p",), "ip2p": ("ip2p",)}
-    key = type_name.lower().replace(" ", "").replace("/", "")
+                 "openpose": ("openpose", "pose"), "instructp2p": ("ip2p",), "t2i-adapter": ("t2i",)}
+    key = type_name.lower().replace(" ", "")
+    words = spellings.get(key) or tuple(key.split("/"))  # "Tile/Blur": either word
     lowered = model.lower()
-    return any(s in lowered for s in spellings.get(key, (key,)))
+    return any(word in lowered for word in words)
 
 
 def control_types(update_models: bool = False) -> dict[str, dict]:
@@ -110,14 +91,14 @@ def control_types(update_models: bool = False) -> dict[str, dict]:
     for type_name, raw in raw_types.items():
         if type_name == ALL_TYPES:
             continue
-        type_modules = _type_modules(raw)
+        type_modules = list(raw["module_list"])
         if NO_MODULE not in type_modules:
             type_modules = [NO_MODULE] + type_modules
         type_models = [m for m in models if _model_matches(type_name, m)]
         out[type_name] = {
             "module_list": type_modules,
             "model_list": [NO_MODEL] + type_models,
-            "default_option": _type_default(raw, type_modules),
+            "default_option": raw.get("default_option", NO_MODULE),
             "default_model": type_models[0] if type_models else NO_MODEL,
         }
     return out

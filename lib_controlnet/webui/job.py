@@ -10,32 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from lib_controlnet.errors import UserError
+from lib_controlnet.ui.batch_folder import pick
 from lib_controlnet.unit import ControlUnit
-
-log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-class BatchFolderError(UserError):
-    pass
-
-
-def folder_images(folder: str, what: str) -> list[Path]:
-    path = Path(folder).expanduser()
-    if not path.is_dir():
-        raise BatchFolderError(f"The {what} folder {folder!r} does not exist.")
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise BatchFolderError(f"The {what} folder {folder!r} holds no images.")
-    return files
 
 
 @dataclasses.dataclass
@@ -87,11 +67,10 @@ class WebUIJob:
         for plan in self.plans:
             unit = plan.unit
             if plan.batch_images:
-                picks = [plan.batch_images[(start + i) % len(plan.batch_images)] for i in range(p.batch_size)]
-                mask = None
+                picks = pick(plan.batch_images, start, p.batch_size)
                 if plan.batch_masks:
-                    mask = [plan.batch_masks[(start + i) % len(plan.batch_masks)] for i in range(p.batch_size)]
-                    picks = [{"image": str(img), "mask": str(m)} for img, m in zip(picks, mask)]
+                    masks = pick(plan.batch_masks, start, p.batch_size)
+                    picks = [{"image": str(img), "mask": str(m)} for img, m in zip(picks, masks)]
                 else:
                     picks = [str(img) for img in picks]
                 unit = unit.replace(image=picks)

@@ -5,7 +5,6 @@ Args reach every hook as the WebUI passes them: the panel's flat component value
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +14,9 @@ from lib_controlnet.settings import get_settings
 from lib_controlnet.ui import unit_args
 from lib_controlnet.unit import ControlUnitError
 from lib_controlnet.webui import infotext, settings
-from lib_controlnet.webui.job import UnitPlan, WebUIJob, folder_images
+from lib_controlnet.ui.batch_folder import folder_images
+from lib_controlnet.webui.job import UnitPlan, WebUIJob
 
-log = logging.getLogger(__name__)
 
 TITLE = "ControlNet"
 JOB_ATTRIBUTE = "controlnet_studio_job"  # where the running job lives on `p`
