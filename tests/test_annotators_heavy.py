@@ -1,0 +1,86 @@
+"""The heavy neural annotators (MiDaS DPT-Hybrid, LeReS ResNeXt-101 + pix2pix, ZoeDepth BEiT-L, NormalBAE,
+OpenPose): real loading code on random weights under the release names, maps equal to controlnet-aux's.
+
+Building these networks takes minutes and gigabytes on two cores, so they run only with
+CONTROLNET_HEAVY_TESTS=1 (`CONTROLNET_HEAVY_TESTS=1 pytest tests/test_annotators_heavy.py`).
+"""
+import os
+
+import cv2
+import numpy as np
+import pytest
+import skimage.data
+
+from annotators import random_weights, runtime
+from annotators.runtime import aux_module
+from lib_controlnet import preprocess
+from lib_controlnet.settings import get_settings, update_settings
+
+pytestmark = pytest.mark.skipif(os.environ.get("CONTROLNET_HEAVY_TESTS") != "1",
+                                reason="heavy annotator networks: set CONTROLNET_HEAVY_TESTS=1")
+
+IMAGE = cv2.resize(skimage.data.astronaut(), (192, 192), interpolation=cv2.INTER_AREA)
+
+
+@pytest.fixture(scope="module")
+def weights_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("heavy_annotators")
+    saved = get_settings().annotator_models_path
+    update_settings(annotator_models_path=directory)
+    runtime.unload_all()
+    yield directory
+    update_settings(annotator_models_path=saved)
+    runtime.unload_all()
+    preprocess.clear_cache()
+
+
+def _same(ours, theirs):
+    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype == np.uint8
+    diff = np.abs(ours.astype(int) - theirs)
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
+
+
+def test_midas_depth_and_normal_equal_controlnet_aux(weights_dir):
+    random_weights.write(weights_dir, ["dpt_hybrid-midas-501f0c75.pt"])
+    detector = aux_module("midas").MidasDetector.from_pretrained(str(weights_dir))
+    depth, normal = detector(IMAGE, bg_th=0.4, depth_and_normal=True, detect_resolution=192,
+                             image_resolution=192, output_type="np")
+    _same(preprocess.run("depth_midas", IMAGE, resolution=192, use_cache=False), depth)
+    _same(preprocess.run("normal_midas", IMAGE, resolution=192, threshold_a=0.4, use_cache=False), normal)
+
+
+def test_normal_bae_equals_controlnet_aux(weights_dir):
+    random_weights.write(weights_dir, ["scannet.pt"])
+    detector = aux_module("normalbae").NormalBaeDetector.from_pretrained(str(weights_dir))
+    theirs = detector(IMAGE, detect_resolution=192, image_resolution=192, output_type="np")
+    _same(preprocess.run("normal_bae", IMAGE, resolution=192, use_cache=False), theirs)
+
+
+def test_leres_equals_controlnet_aux(weights_dir):
+    random_weights.write(weights_dir, ["res101.pth", "latest_net_G.pth"])
+    detector = aux_module("leres").LeresDetector.from_pretrained(str(weights_dir))
+    theirs = detector(IMAGE, thr_a=10, thr_b=20, detect_resolution=192, image_resolution=192, output_type="np")
+    _same(preprocess.run("depth_leres", IMAGE, resolution=192, threshold_a=10, threshold_b=20,
+                         use_cache=False), theirs)
+    assert preprocess.run("depth_leres++", IMAGE, resolution=192, use_cache=False).shape == (192, 192, 3)
+
+
+def test_zoe_equals_controlnet_aux(weights_dir):
+    random_weights.write(weights_dir, ["ZoeD_M12_N.pt"])
+    detector = aux_module("zoe").ZoeDetector.from_pretrained(str(weights_dir))
+    theirs = detector(IMAGE, detect_resolution=192, image_resolution=192, output_type="np")
+    _same(preprocess.run("depth_zoe", IMAGE, resolution=192, use_cache=False), theirs)
+
+
+def test_openpose_equals_controlnet_aux_and_gives_openpose_json(weights_dir):
+    random_weights.write(weights_dir, ["body_pose_model.pth", "hand_pose_model.pth", "facenet.pth"])
+    detector = aux_module("open_pose").OpenposeDetector.from_pretrained(str(weights_dir))
+    theirs = detector(IMAGE, detect_resolution=192, image_resolution=192, include_hand=True, include_face=True,
+                      output_type="np")
+    _same(preprocess.run("openpose_full", IMAGE, resolution=192, use_cache=False), theirs)
+    canvas, keypoints = preprocess.run_pose("openpose_full", IMAGE, resolution=192)
+    _same(canvas, theirs)
+    assert keypoints["canvas_width"] == 192 and keypoints["canvas_height"] == 192
+    assert isinstance(keypoints["people"], list)
+    for person in keypoints["people"]:
+        assert len(person["pose_keypoints_2d"]) == 18 * 3
