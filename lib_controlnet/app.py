@@ -141,7 +141,7 @@ def build_blocks(generator: StandaloneGenerator, unit_count: int) -> gr.Blocks:
 
         def on_generate(prompt_text, negative_text, w, h, n_steps, cfg_scale, seed_value, *panel_values):
             try:
-                units = [pu.unit for pu in units_from_args(panel_values, unit_count)]
+                units = [pu.unit for pu in units_from_args(panel_values)]
                 for i, unit in enumerate(units):
                     if unit.is_active:
                         api.validate_unit(unit, f"ControlNet unit {i}")

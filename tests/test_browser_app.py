@@ -68,6 +68,9 @@ def test_upload_pick_canny_preview_shows_the_map(page, photo_file):
 
     page.set_input_files(f"{UNIT}_image input[type=file]", str(photo_file))
     page.wait_for_selector(f"{UNIT}_image canvas, {UNIT}_image img")
+    page.locator(f"{UNIT}_send_dimensions").click()  # the 128x128 photo's size goes to width and height
+    page.wait_for_function("document.querySelector('#txt2img_width input[type=number]').value === '128'")
+    assert page.locator("#txt2img_height input[type=number]").input_value() == "128"
     page.locator(f"{UNIT}_control_type label", has_text="Canny").first.click()
     # choosing the control type picks its default preprocessor and model, and shows the module's sliders
     page.wait_for_function(f"document.querySelector('{UNIT}_model input')?.value.startsWith('{MODEL_STEM}')")

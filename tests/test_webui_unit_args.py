@@ -5,7 +5,8 @@ import pytest
 from PIL import Image
 
 from lib_controlnet.ui.batch_folder import BatchFolderError, folder_images, pick
-from lib_controlnet.ui.unit_args import UNIT_FIELDS, sketch_to_image_and_mask, split_args, units_from_args, values_of
+from lib_controlnet.ui.unit_args import (UNIT_FIELDS, sketch_to_image_and_mask, split_args, units_from_args,
+                                         values_of)
 from lib_controlnet.unit import ControlUnit, ControlUnitError
 
 
@@ -19,7 +20,7 @@ def _panel(count=2, **unit0):
 def test_panel_values_become_units():
     image = np.full((8, 8, 3), 7, np.uint8)
     units = units_from_args(_panel(enabled=True, module="canny", model="m", image={"image": image, "mask": None},
-                                   weight=0.5, control_mode="ControlNet is more important"), 2)
+                                   weight=0.5, control_mode="ControlNet is more important"))
     assert [u.unit.enabled for u in units] == [True, False]
     assert units[0].unit.module == "canny" and units[0].unit.weight == 0.5
     assert units[0].unit.control_mode.value == "ControlNet is more important"
@@ -28,11 +29,11 @@ def test_panel_values_become_units():
 
 def test_api_units_at_the_front_replace_the_panel():
     api_unit = {"module": "canny", "model": "m", "image": "abc"}
-    units = units_from_args([api_unit, ControlUnit(module="invert")] + _panel()[2:], 2)
+    units = units_from_args([api_unit, ControlUnit(module="invert")] + _panel()[2:])
     assert [u.unit.module for u in units] == ["canny", "invert"]
-    assert split_args([api_unit] + _panel()[1:], 2) == [api_unit]
+    assert split_args([api_unit] + _panel()[1:]) == [api_unit]
     with pytest.raises(ControlUnitError) as caught:
-        units_from_args([{"weight": "heavy"}] + _panel()[1:], 2)
+        units_from_args([{"weight": "heavy"}] + _panel()[1:])
     assert caught.value.field == "weight"
 
 
@@ -46,9 +47,10 @@ def test_sketch_masks():
     assert sketch_to_image_and_mask(None) == (None, None)
 
 
-def test_too_few_panel_values_is_an_error():
+def test_panel_unit_count_comes_from_the_values():
     with pytest.raises(ValueError, match="panel values"):
-        split_args(_panel(count=1), 2)
+        split_args(_panel(count=1)[:-1])
+    assert len(split_args(_panel(count=3))) == 3  # as many units as the panel was built with
 
 
 def test_batch_folder(tmp_path):

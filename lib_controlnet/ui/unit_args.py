@@ -62,8 +62,9 @@ def _looks_like_sketch(value: Any) -> bool:
     return isinstance(value, Mapping) and set(value) <= {"image", "mask"} and "image" in value
 
 
-def split_args(args: Sequence[Any], unit_count: int) -> list[Any]:
-    """The script's args as a list of units' raw values: unit objects (API) or dicts of panel values."""
+def split_args(args: Sequence[Any]) -> list[Any]:
+    """The script's args as a list of units' raw values: unit objects (API) or dicts of panel values. The
+    panel's unit count is read from the values themselves: the setting may have changed since the UI was built."""
     args = list(args)
     if args and is_unit_object(args[0]):
         leading = []
@@ -73,15 +74,15 @@ def split_args(args: Sequence[Any], unit_count: int) -> list[Any]:
             leading.append(value)
         return leading
     width = len(UNIT_FIELDS)
-    if len(args) < width * unit_count:
-        raise ValueError(f"expected {width * unit_count} panel values for {unit_count} units, got {len(args)}")
-    return [dict(zip(UNIT_FIELDS, args[i * width:(i + 1) * width])) for i in range(unit_count)]
+    if len(args) % width:
+        raise ValueError(f"expected {width} panel values per unit, got {len(args)} values")
+    return [dict(zip(UNIT_FIELDS, args[i:i + width])) for i in range(0, len(args), width)]
 
 
-def units_from_args(args: Sequence[Any], unit_count: int) -> list[PanelUnit]:
+def units_from_args(args: Sequence[Any]) -> list[PanelUnit]:
     """Every unit in a script call, enabled or not; ControlUnitError names a bad field of an API unit."""
     out = []
-    for raw in split_args(args, unit_count):
+    for raw in split_args(args):
         if isinstance(raw, ControlUnit):
             out.append(PanelUnit(raw, raw.image is not None))
         elif set(raw) >= set(UNIT_FIELDS):

@@ -52,9 +52,8 @@ class Lifecycle:
 
     # ------------------------------------------------------------------ a job
     def _plans(self, p, args) -> list[UnitPlan]:
-        count = get_settings().unit_count
         try:
-            units = unit_args.units_from_args(args, count)
+            units = unit_args.units_from_args(args)
         except ControlUnitError as error:
             raise api.PayloadError(f"ControlNet unit {error.field}", error.message) from None
         init_images = getattr(p, "init_images", None) or []
