@@ -59,6 +59,7 @@ def test_truncated_and_corrupt_safetensors(good_file, tmp_path):
     expect_error(tmp_path / "cut.pth", "cut.pth", "could not be read")
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pickle_that_runs_code_is_refused(tmp_path):
     marker = tmp_path / "pwned.txt"
     torch.save({"input_hint_block.0.weight": torch.zeros(1), "payload": WritesAFile(marker)}, tmp_path / "evil.pth")

@@ -47,19 +47,32 @@ def test_convert_round_trip_is_bit_exact(source, tmp_path):
     assert load_file(str(path)).keys() == load_file(str(tmp_path / "back.safetensors")).keys()
     original, back = load_file(str(path)), load_file(str(tmp_path / "back.safetensors"))
     assert all(torch.equal(original[k], back[k]) for k in original)
-    cli("convert", tmp_path / "xl_diffusers", tmp_path / "half.safetensors", "--to", "ldm", "--dtype", "fp16")
+    from lib_controlnet.cli import main
+
+    assert main(["models", "convert", str(tmp_path / "xl_diffusers"), str(tmp_path / "half.safetensors"), "--to",
+                 "ldm", "--dtype", "fp16"]) == 0
     half = load_controlnet(tmp_path / "half.safetensors")
     assert all(torch.equal(v, model.state_dict()[k].half()) for k, v in half.state_dict().items())
 
 
+def test_errors_are_one_line(source, tmp_path):
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    done = cli("convert", tmp_path / "empty.safetensors", tmp_path / "o.safetensors", "--to", "ldm", check_rc=2)
+    assert "is empty" in done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
 @pytest.mark.parametrize("args,fragment", [
     (("info", "/nonexistent/model.safetensors"), "does not exist"),
-    (("convert", "{empty}", "{tmp}/o.safetensors", "--to", "ldm"), "is empty"),
+    (("convert", "{src}", "{tmp}/o.bin", "--to", "ldm"), "must be a .safetensors file"),
     (("convert", "{src}", "{tmp}/o.safetensors", "--to", "diffusers"), "must be a folder"),
+    (("convert", "{src}", "{src}", "--to", "ldm"), "must differ"),
 ])
-def test_errors_are_one_line(source, tmp_path, args, fragment):
-    (tmp_path / "empty.safetensors").write_bytes(b"")
-    values = dict(empty=tmp_path / "empty.safetensors", tmp=tmp_path, src=source[1])
-    done = cli(*(a.format(**values) for a in args), check_rc=2)
-    assert fragment in done.stderr
-    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+def test_more_errors_in_process(source, tmp_path, capsys, args, fragment):
+    """The same entry point without a new interpreter each time (subprocesses cost seconds of imports)."""
+    from lib_controlnet.cli import main
+
+    values = dict(tmp=tmp_path, src=source[1])
+    assert main(["models", *(a.format(**values) for a in args)]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and err.count("\n") == 1
