@@ -8,6 +8,9 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 import lib_controlnet  # noqa: E402,F401  (first: repairs torchvision before anything imports it)
+# The WebUI restores its own sys.path list once a script has loaded, so the root added above is gone by the time
+# a preprocessor is first used; importing the package now keeps `annotators.*` resolvable through sys.modules.
+import annotators  # noqa: E402,F401
 from modules import scripts  # noqa: E402
 
 from lib_controlnet.webui import callbacks  # noqa: E402
@@ -34,8 +37,14 @@ class ControlNetScript(scripts.Script):
     def process(self, p, *args):
         _lifecycle.process(p, *args)
 
+    def process_batch(self, p, *args, **kwargs):
+        _lifecycle.before_sampling(p)
+
     def process_before_every_sampling(self, p, *args, **kwargs):
-        _lifecycle.process_before_every_sampling(p, *args, **kwargs)
+        _lifecycle.before_sampling(p)
+
+    def before_hr(self, p, *args):
+        _lifecycle.before_sampling(p, hires=True)
 
     def postprocess(self, p, processed, *args):
         _lifecycle.postprocess(p, processed, *args)

@@ -7,10 +7,15 @@ from lib_controlnet.control import ControlError, ControlJob, Controller, Prepare
 from lib_controlnet.hosts import diffusers as host
 from lib_controlnet.unit import ControlMode, HiResFixOption
 
-torch.set_grad_enabled(False)
 STEPS = 10
 
 _threads = pytest.fixture(scope="module", autouse=True)(one_thread)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():  # a module-level set_grad_enabled(False) would leak into every later test
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,13 @@ from lib_controlnet.control_forward import added_embedding_input
 from lib_controlnet.hosts import ldm as host
 from lib_controlnet.unit import ControlMode
 
-torch.set_grad_enabled(False)
 _threads = pytest.fixture(scope="module", autouse=True)(one_thread)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():  # a module-level set_grad_enabled(False) would leak into every later test
+        yield
 
 
 class InterruptedException(BaseException):

@@ -348,3 +348,40 @@ def test_batch_folder_gives_each_image_its_own_map(webui, txt2img_script, photo,
     _, processed = _run(txt2img_script, _args(txt2img_script, **unit))
     assert len(processed.images) == 4  # two generated, two maps (one per folder image)
     assert not np.array_equal(np.asarray(processed.images[2]), np.asarray(processed.images[3]))
+
+
+def test_same_images_where_the_webui_has_no_process_before_every_sampling(txt2img_script, photo, monkeypatch):
+    """Older WebUIs call process_batch and before_hr but not process_before_every_sampling."""
+    from modules import scripts
+
+    args = _args(txt2img_script, **_canny_unit(photo, hr_option="Low res only"))
+    _, with_hook = _run(txt2img_script, args, enable_hr=True, batch_size=1)
+    monkeypatch.setattr(scripts.ScriptRunner, "process_before_every_sampling", lambda self, p, **kwargs: None)
+    _, without = _run(txt2img_script, args, enable_hr=True, batch_size=1)
+    assert len(without.images) == len(with_hook.images) == 2  # the image, then the detected map
+    np.testing.assert_array_equal(_pixels(without.images[:1]), _pixels(with_hook.images[:1]))
+
+
+def test_preprocessors_import_after_the_webui_restores_sys_path(tmp_path):
+    """The WebUI loads a script with its folder prepended to a *new* sys.path list and puts the old list back
+    afterwards, so anything the script added to sys.path is gone when a preprocessor is first used."""
+    import subprocess
+
+    program = f"""
+import importlib.util, os, sys
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or '.') != {str(ROOT)!r}]
+sys.path.insert(0, {str(STANDIN)!r})
+saved = sys.path
+sys.path = [{str(ROOT / 'scripts')!r}] + sys.path
+spec = importlib.util.spec_from_file_location("controlnet_script", {str(ROOT / 'scripts' / 'controlnet.py')!r})
+spec.loader.exec_module(importlib.util.module_from_spec(spec))
+sys.path = saved
+from lib_controlnet import preprocess
+import numpy as np
+print(preprocess.run("canny", np.zeros((64, 64, 3), np.uint8)).shape)
+"""
+    env = dict(os.environ, CNET_STANDIN_ROOT=str(tmp_path), PYTHONPATH="")
+    done = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "(512, 512, 3)"  # the default preprocessor resolution

@@ -37,7 +37,7 @@ def build_dataset(out: Path, count: int, size: int) -> Path:
     write_images(out / "source-images", count, size=size, seed=0)
     dataset = out / "dataset"
     config = BuildConfig(out_dir=str(dataset), image_dir=str(out / "source-images"), image_size=size,
-                         resize_mode="center_crop", module="canny", encode_format="png", thread_count=4,
+                         resize_mode="center_crop", module="canny", encode_format="png", encode_quality=9, thread_count=4,
                          processes_count=1, preview_count=4)
     manifest = run_build(config)
     _say(f"[1/5] dataset: {dataset} ({_count_rows(manifest)} samples, canny maps)")

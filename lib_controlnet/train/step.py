@@ -13,13 +13,30 @@ from lib_controlnet.train.cache import TrainCache
 
 class TrainingStep:
     def __init__(self, base, controlnet, unet, device, weight_dtype, noise_generator: torch.Generator,
-                 cache: TrainCache | None = None):
+                 cache: TrainCache | None = None, accelerator=None, optimizer=None, params=None,
+                 max_grad_norm: float = 0.0):
         self.base, self.controlnet, self.unet = base, controlnet, unet  # controlnet/unet may be DDP-wrapped
         self.device, self.weight_dtype = device, weight_dtype
         self.generator = noise_generator
         self.cache = cache or TrainCache()
         self.scaling = base.vae.config.scaling_factor
         self.num_timesteps = base.noise_scheduler.config.num_train_timesteps
+        self.accelerator, self.optimizer, self.params = accelerator, optimizer, params
+        self.max_grad_norm = max_grad_norm
+
+    def train_micro_batch(self, batch) -> torch.Tensor:
+        """Loss, backward and (when the accumulation window is full) clip + optimizer step. Gradients are
+        dropped (set to None) rather than zeroed, so they hold no memory between steps. Grad mode is switched on
+        here because callers (the WebUI's threads, test code) may have turned it off globally."""
+        accelerator = self.accelerator
+        with torch.enable_grad(), accelerator.accumulate(self.controlnet):
+            loss = self.loss(batch)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and self.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(self.params, self.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
 
     # ------------------------------------------------------------------ inputs
     @torch.no_grad()

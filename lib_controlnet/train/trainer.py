@@ -193,7 +193,8 @@ class Trainer:
         validator = Validator(base, config, device, weight_dtype)
         if config.cache_text_embeddings:
             base.text_encoder.to("cpu")  # every prompt it would encode is cached now
-        step = TrainingStep(base, controlnet, unet, device, weight_dtype, noise_generator, cache)
+        step = TrainingStep(base, controlnet, unet, device, weight_dtype, noise_generator, cache, accelerator,
+                            optimizer, params, config.max_grad_norm)
 
         run_state = dict(total=total_steps, start_time=time.monotonic(), start_step=global_step, records=records)
         result = TrainResult(global_step, total_steps, losses, False, self.output_dir)
@@ -206,14 +207,7 @@ class Trainer:
                                  config.dataloader_num_workers)
             micro_losses = []
             for batch in loader:
-                with accelerator.accumulate(controlnet):
-                    loss = step.loss(batch)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and config.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                micro_losses.append(loss.detach())
+                micro_losses.append(step.train_micro_batch(batch))
                 cursor += 1
                 if len(micro_losses) < batches_per_step:
                     continue

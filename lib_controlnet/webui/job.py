@@ -98,15 +98,15 @@ class WebUIJob:
         return self._prepared
 
     # ------------------------------------------------------------------ hooking
-    def begin_sampling(self, p) -> None:
-        """process_before_every_sampling: (re)hook the UNet for this pass."""
+    def begin_sampling(self, p, hires: bool = False) -> None:
+        """(Re)hook the UNet for the coming pass (the first pass, or the hires-fix pass)."""
         from lib_controlnet.control import Controller
         from lib_controlnet.hosts import ldm as ldm_host
 
         self.end_sampling()
         prepared = self._prepare(p)
         controller = Controller(self._job, units=prepared)
-        if getattr(p, "is_hr_pass", False):
+        if hires:
             controller.set_pass(True, int(getattr(p, "hr_upscale_to_x", 0)) or None,
                                 int(getattr(p, "hr_upscale_to_y", 0)) or None,
                                 steps=int(getattr(p, "hr_second_pass_steps", 0) or p.steps))

@@ -89,10 +89,13 @@ class Lifecycle:
         _ACTIVE[id(job)] = (job, p)
         _chain_close(p, lambda: self._finish(p))
 
-    def process_before_every_sampling(self, p, *args, **kwargs) -> None:
+    def before_sampling(self, p, hires: bool = False) -> None:
+        """Hook the UNet for the coming sampling pass. Called from process_batch (every WebUI version), from
+        before_hr (hires pass) and from process_before_every_sampling where the WebUI has it; hooking again
+        for the same pass only replaces the hooks."""
         job = _job(p)
         if job is not None:
-            job.begin_sampling(p)
+            job.begin_sampling(p, hires=hires or bool(getattr(p, "is_hr_pass", False)))
 
     def on_cfg_denoiser(self, params) -> None:
         p = getattr(getattr(params, "denoiser", None), "p", None)

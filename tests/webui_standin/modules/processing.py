@@ -165,7 +165,7 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
         generator = torch.Generator().manual_seed(int(seeds[0]))
         x = torch.randn((len(seeds), 4, self.height // 8, self.width // 8), generator=generator)
         if self.scripts is not None:
-            self.scripts.process_before_every_sampling(self, x=x, noise=x, c=conditioning,
+            self.scripts.process_before_every_sampling(p=self, x=x, noise=x, c=conditioning,
                                                        uc=unconditional_conditioning)
         samples = _cfg_sample(self, x, conditioning, unconditional_conditioning, self.steps)
         if not self.enable_hr or state.interrupted:
@@ -177,7 +177,7 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
             samples = torch.nn.functional.interpolate(
                 samples, size=(self.hr_upscale_to_y // 8, self.hr_upscale_to_x // 8), mode="nearest")
             if self.scripts is not None:
-                self.scripts.process_before_every_sampling(self, x=samples, noise=samples, c=conditioning,
+                self.scripts.process_before_every_sampling(p=self, x=samples, noise=samples, c=conditioning,
                                                            uc=unconditional_conditioning)
             steps = self.hr_second_pass_steps or self.steps
             return _cfg_sample(self, samples, conditioning, unconditional_conditioning, steps)
@@ -213,7 +213,7 @@ class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
         latent = torch.cat([latent, latent[:, :1]], dim=1).repeat(len(seeds), 1, 1, 1)
         x = latent + torch.randn(latent.shape, generator=generator) * self.denoising_strength
         if self.scripts is not None:
-            self.scripts.process_before_every_sampling(self, x=x, noise=x, c=conditioning,
+            self.scripts.process_before_every_sampling(p=self, x=x, noise=x, c=conditioning,
                                                        uc=unconditional_conditioning)
         steps = max(1, int(self.steps * self.denoising_strength))
         return _cfg_sample(self, x, conditioning, unconditional_conditioning, steps)

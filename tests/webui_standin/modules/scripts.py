@@ -133,7 +133,7 @@ class ScriptRunner:
     def process_batch(self, p, **kwargs):
         self._each("process_batch", p, **kwargs)
 
-    def process_before_every_sampling(self, p, **kwargs):
+    def process_before_every_sampling(self, p, **kwargs):  # the WebUI passes p=... as a keyword here
         self._each("process_before_every_sampling", p, **kwargs)
 
     def postprocess_batch(self, p, images, **kwargs):
