@@ -3,12 +3,13 @@ the WebUI loads it: the WebUI clears all callbacks before (re)loading scripts.""
 from __future__ import annotations
 
 from lib_controlnet import api
-from lib_controlnet.webui import infotext, settings, tabs
+from lib_controlnet.webui import infotext, payload_check, settings, tabs
 
 
 def _on_app_started(demo, app) -> None:
     settings.sync()
     api.register_routes(app)
+    payload_check.install(app)
 
 
 def register(lifecycle) -> None:
