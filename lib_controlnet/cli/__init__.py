@@ -19,13 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lib_controlnet", description="ControlNet Studio")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"lib_controlnet.cli.{name}")
-        except ModuleNotFoundError as error:
-            if error.name == f"lib_controlnet.cli.{name}":
-                continue  # command not built yet
-            raise
-        module.register(subparsers)
+        importlib.import_module(f"lib_controlnet.cli.{name}").register(subparsers)
     return parser
 
 
