@@ -2,7 +2,7 @@
 and our maps equal to controlnet-aux's detectors for the same input and weights.
 
 The heavy networks (MiDaS, LeReS, Zoe, NormalBAE, OpenPose) take minutes to build on two cores; they are in
-test_annotators_heavy.py, which runs when CONTROLNET_HEAVY_TESTS=1.
+test_annotators_heavy.py (left out locally with CONTROLNET_SKIP_HEAVY=1).
 """
 import os
 import subprocess
