@@ -1,0 +1,172 @@
+"""Preprocessor throughput and peak memory: ours against controlnet-aux, same photos, same random weights, 512 px.
+
+Each side runs in its own process (so peak memory is its own), twice in alternation unless --quick; the best
+time per map counts, which damps the noise of a shared machine. Prints seconds per map and the ratio
+(controlnet-aux time / ours: above 1 means we are faster). Targets: >= 1.0x model-free, >= 1.3x neural.
+
+    python benchmarks/bench_preprocess.py            # full: 4 photos, 2 rounds, 6 networks
+    python benchmarks/bench_preprocess.py --quick    # 2 photos, 1 round, 3 networks (well under 3 minutes)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MODEL_FREE = {"canny": ("canny", "CannyDetector", {}),
+              "lineart_standard": ("lineart_standard", "LineartStandardDetector", {}),
+              "shuffle": ("shuffle", "ContentShuffleDetector", {})}
+NEURAL = {"softedge_hed": ("hed", "HEDdetector", {}),
+          "softedge_pidinet": ("pidi", "PidiNetDetector", {}),
+          "lineart_realistic": ("lineart", "LineartDetector", {}),
+          "softedge_teed": ("teed", "TEEDdetector", {"filename": "7_model.pth"}),
+          "lineart_anime": ("lineart_anime", "LineartAnimeDetector", {}),
+          "mlsd": ("mlsd", "MLSDdetector", {})}
+QUICK_NEURAL = ["softedge_hed", "softedge_pidinet", "lineart_realistic"]
+
+
+def _photos(count: int, size: int):
+    import cv2
+    import skimage.data
+
+    sources = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea(), skimage.data.rocket()]
+    out = []
+    for image in sources[:count]:
+        h, w = image.shape[:2]
+        scale = size / min(h, w)
+        # sides that are multiples of 64, so controlnet-aux's own rounding resize is a no-op for both sides
+        new_w, new_h = int(round(w * scale / 64)) * 64, int(round(h * scale / 64)) * 64
+        out.append(cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA))
+    return out
+
+
+def _time(fn, images, reps: int) -> float:
+    fn(images[0])  # warm-up: first-call allocations and lazy loading are not throughput
+    best = float("inf")
+    for _ in range(reps):
+        started = time.perf_counter()
+        for image in images:
+            fn(image)
+        best = min(best, (time.perf_counter() - started) / len(images))
+    return best
+
+
+def child(args) -> None:
+    import lib_controlnet  # noqa: F401  (torchvision repair first, on both sides)
+    from lib_controlnet.settings import update_settings
+
+    update_settings(annotator_models_path=Path(args.weights))
+    images = _photos(args.images, args.size)
+    names = args.names.split(",")
+    result = {}
+    if args.side == "ours":
+        from lib_controlnet import preprocess
+
+        for name in names:
+            result[name] = _time(lambda im, n=name: preprocess.run(n, im, resolution=args.size, use_cache=False),
+                                 images, args.reps)
+            if name in NEURAL:
+                started = time.perf_counter()
+                preprocess.run_batch(name, images, resolution=args.size, batch_size=len(images))
+                result[name + " (batch)"] = (time.perf_counter() - started) / len(images)
+    else:
+        import controlnet_aux  # the peer as its users import it
+
+        for name in names:
+            module, cls, kw = {**MODEL_FREE, **NEURAL}[name]
+            detector_class = getattr(controlnet_aux, cls)
+            detector = detector_class.from_pretrained(args.weights, **kw) if name in NEURAL else detector_class()
+            if name == "lineart_standard":
+                def call(im, d=detector):
+                    return d(im, detect_resolution=args.size, output_type="np")
+            elif name == "softedge_teed":
+                def call(im, d=detector):
+                    return d(im, detect_resolution=args.size, output_type="np")
+            else:
+                def call(im, d=detector):
+                    return d(im, detect_resolution=args.size, image_resolution=args.size, output_type="np")
+            result[name] = _time(call, images, args.reps)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result))
+
+
+def _run_side(side: str, weights: Path, names, args) -> dict:
+    command = [sys.executable, "-W", "ignore", __file__, "--child", side, "--weights", str(weights),
+               "--names", ",".join(names), "--images", str(args.images), "--reps", str(args.reps),
+               "--size", str(args.size)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        raise SystemExit(f"{side} side failed:\n{done.stderr[-3000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--images", type=int, default=None)
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--child", choices=["ours", "aux"], help=argparse.SUPPRESS)
+    parser.add_argument("--weights", help=argparse.SUPPRESS)
+    parser.add_argument("--names", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.images = args.images or (2 if args.quick else 4)
+    args.reps = args.reps or (1 if args.quick else 2)
+    if args.child:
+        args.side = args.child
+        child(args)
+        return
+    rounds = args.rounds or (1 if args.quick else 2)
+    neural = QUICK_NEURAL if args.quick else list(NEURAL)
+    names = list(MODEL_FREE) + neural
+
+    import lib_controlnet  # noqa: F401
+    from annotators import random_weights
+
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp)
+        files = ["ControlNetHED.pth", "table5_pidinet.pth", "sk_model.pth", "sk_model2.pth", "7_model.pth",
+                 "netG.pth", "mlsd_large_512_fp32.pth"]
+        random_weights.write(weights, files)
+        best: dict[str, dict] = {"ours": {}, "aux": {}}
+        for _ in range(rounds):
+            for side in ("ours", "aux"):
+                for key, value in _run_side(side, weights, names, args).items():
+                    previous = best[side].get(key)
+                    best[side][key] = value if previous is None else min(previous, value)
+
+    print(f"\npreprocessors at {args.size} px, {args.images} photos, best of {rounds} round(s) x {args.reps} rep(s), "
+          f"torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
+    print(f"{'map':<22}{'ours s/map':>12}{'aux s/map':>12}{'ratio':>8}   target")
+    groups = {"model-free": list(MODEL_FREE), "neural": neural}
+    for group, members in groups.items():
+        ratios = []
+        for name in members:
+            ours, aux = best["ours"][name], best["aux"][name]
+            ratios.append(aux / ours)
+            target = 1.0 if group == "model-free" else 1.3
+            print(f"{name:<22}{ours:>12.4f}{aux:>12.4f}{aux / ours:>7.2f}x   >= {target}x")
+            if name + " (batch)" in best["ours"]:
+                batch = best["ours"][name + " (batch)"]
+                print(f"{'  run_batch':<22}{batch:>12.4f}{aux:>12.4f}{aux / batch:>7.2f}x")
+        geo = 1.0
+        for r in ratios:
+            geo *= r
+        print(f"{group} geometric mean ratio: {geo ** (1 / len(ratios)):.2f}x")
+    print(f"peak memory (RSS, MB): ours {best['ours']['peak_rss_mb']:.0f}, controlnet-aux {best['aux']['peak_rss_mb']:.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""Training step speed and memory: our trainer's step vs a reference step written plainly with diffusers the way
+its `train_controlnet.py` does it (VAE encode, text encode, noise, ControlNet, UNet, MSE, backward, clip, AdamW
+step, zero_grad), on the same model, batch, resolution and inputs.
+
+Each variant runs in its own process (so peak memory is its own): `reference`, `ours` (no caching) and
+`ours-cached` (VAE latents and text embeddings cached). Prints samples/s, the peak memory the steps add above
+the loaded models (RSS sampled every 2 ms on CPU; max allocated on CUDA), and the ratios.
+
+    python benchmarks/bench_train.py            # 128 px, batch 4, 2 rounds
+    python benchmarks/bench_train.py --quick    # 64 px, 1 round
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+class PeakMemory:
+    """Peak resident memory above a baseline, sampled in a thread (CPU), or CUDA's own counter."""
+
+    def __init__(self, device):
+        self.device, self.peak, self.baseline, self._stop = device, 0, 0, threading.Event()
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.baseline = torch.cuda.memory_allocated()
+            return self
+        self.baseline = self.peak = self.rss()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+
+    @property
+    def added_mb(self) -> float:
+        return (self.peak - self.baseline) / 2**20
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def make_inputs(resolution: int, batch: int, steps: int):
+    import numpy as np
+    import torch
+
+    from lib_controlnet.train.data import to_hint, to_target
+    from lib_controlnet.train.synthetic import square_pair
+
+    rng = np.random.default_rng(0)
+    batches = []
+    for step in range(steps):
+        pairs = [square_pair(rng, resolution) for _ in range(batch)]
+        batches.append({
+            "pixel_values": torch.stack([to_target(image) for image, _ in pairs]),
+            "conditioning_pixel_values": torch.stack([to_hint(hint) for _, hint in pairs]),
+            "text": [f"a bright square, sample {step * batch + i}" for i in range(batch)],  # all captions distinct
+            "index": torch.arange(step * batch, (step + 1) * batch),
+        })
+    return batches
+
+
+def load_models(base_dir: Path, device):
+    from diffusers import ControlNetModel
+
+    from lib_controlnet.train.base import load_base
+
+    base = load_base(base_dir)
+    for part in (base.vae, base.text_encoder, base.unet):
+        part.to(device)
+    controlnet = ControlNetModel.from_unet(base.unet).to(device)
+    controlnet.train()
+    return base, controlnet
+
+
+# ---------------------------------------------------------------------------------------------- variants
+def reference_steps(base, controlnet, batches, device):
+    """What diffusers' train_controlnet.py does per step (single process, fp32, its defaults)."""
+    import torch
+    import torch.nn.functional as F
+
+    vae, text_encoder, unet, scheduler = base.vae, base.text_encoder, base.unet, base.noise_scheduler
+    optimizer = torch.optim.AdamW(controlnet.parameters(), lr=1e-5, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    for batch in batches:  # the script tokenizes in its dataset preprocessing, outside the step
+        batch["input_ids"] = base.tokenizer(batch["text"], max_length=base.tokenizer.model_max_length,
+                                            padding="max_length", truncation=True, return_tensors="pt").input_ids
+
+    def step(batch):
+        latents = vae.encode(batch["pixel_values"].to(device)).latent_dist.sample()
+        latents = latents * vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device).long()
+        noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+        encoder_hidden_states = text_encoder(batch["input_ids"].to(device), return_dict=False)[0]
+        controlnet_image = batch["conditioning_pixel_values"].to(device)
+        down, mid = controlnet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
+                               controlnet_cond=controlnet_image, return_dict=False)
+        model_pred = unet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
+                          down_block_additional_residuals=list(down), mid_block_additional_residual=mid,
+                          return_dict=False)[0]
+        loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)  # the script's default (--set_grads_to_none off)
+        return loss
+
+    return step
+
+
+def our_steps(base, controlnet, batches, device, cached: bool, resolution: int):
+    import torch
+    from accelerate import Accelerator
+
+    from lib_controlnet.train.cache import TrainCache
+    from lib_controlnet.train.config import TrainConfig
+    from lib_controlnet.train.step import TrainingStep, encode_prompts
+
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    params = list(controlnet.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    controlnet, optimizer = accelerator.prepare(controlnet, optimizer)
+    cache = TrainCache()
+    if cached:  # filled the way TrainCache.build does, from the same tensors the reference gets
+        with torch.no_grad():
+            for batch in batches:
+                params_ = base.vae.encode(batch["pixel_values"].to(device)).latent_dist.parameters
+                for index, value in zip(batch["index"].tolist(), params_.to("cpu", torch.float16)):
+                    cache._latents[index] = value
+                for text, embedding in zip(batch["text"], encode_prompts(base, batch["text"], device)):
+                    cache._text[text] = embedding.to("cpu", torch.float16)
+        base.text_encoder.to("cpu")
+    TrainConfig(resolution=resolution).validate()
+    step = TrainingStep(base, controlnet, base.unet, device, torch.float32, torch.Generator().manual_seed(0), cache,
+                        accelerator, optimizer, params, max_grad_norm=1.0)
+    return step.train_micro_batch
+
+
+def worker(args) -> None:
+    import torch
+
+    import lib_controlnet  # noqa: F401  (torchvision repair)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    base, controlnet = load_models(Path(args.base), device)
+    warmup = 2
+    batches = make_inputs(args.resolution, args.batch, args.steps + warmup)
+    if args.worker == "reference":
+        step = reference_steps(base, controlnet, batches, device)
+    else:
+        step = our_steps(base, controlnet, batches, device, args.worker == "ours-cached", args.resolution)
+    for batch in batches[:warmup]:
+        step(batch)
+    with PeakMemory(device) as memory:
+        started = time.perf_counter()
+        for batch in batches[warmup:]:
+            loss = step(batch)
+        float(loss)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - started
+    print(json.dumps({"samples_per_s": args.steps * args.batch / elapsed, "added_mb": memory.added_mb,
+                      "device": str(device)}))
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def run_variant(name: str, args, base: Path) -> dict:
+    command = [sys.executable, __file__, "--worker", name, "--base", str(base), "--resolution", str(args.resolution),
+               "--batch", str(args.batch), "--steps", str(args.steps)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--resolution", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--worker", choices=("reference", "ours", "ours-cached"))
+    parser.add_argument("--base")
+    args = parser.parse_args()
+    args.resolution = args.resolution or (64 if args.quick else 128)
+    args.steps = args.steps or (4 if args.quick else 6)
+    rounds = args.rounds or (1 if args.quick else 2)
+    if args.worker:
+        worker(args)
+        return
+
+    import tempfile
+
+    import lib_controlnet  # noqa: F401
+    from lib_controlnet.tiny_models import save_tiny_diffusers_base
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = save_tiny_diffusers_base(Path(tmp) / "base")
+        results = {name: [] for name in ("reference", "ours", "ours-cached")}
+        for _ in range(rounds):  # interleaved, so a busy moment hits every variant alike
+            for name in results:
+                results[name].append(run_variant(name, args, base))
+    median = {name: {key: statistics.median(r[key] for r in runs) for key in ("samples_per_s", "added_mb")}
+              for name, runs in results.items()}
+    device = results["reference"][0]["device"]
+    print(f"training step, tiny SD1.5-shaped model, {args.resolution}px, batch {args.batch}, {args.steps} timed steps, "
+          f"{rounds} round(s), device {device}")
+    for name, values in median.items():
+        print(f"  {name:12s} {values['samples_per_s']:7.2f} samples/s   peak step memory {values['added_mb']:8.1f} MB")
+    ref = median["reference"]
+    speed = median["ours"]["samples_per_s"] / ref["samples_per_s"]
+    memory = median["ours"]["added_mb"] / ref["added_mb"] if ref["added_mb"] > 0 else float("nan")
+    cached_speed = median["ours-cached"]["samples_per_s"] / ref["samples_per_s"]
+    print(f"speed ratio (ours / reference), no caching: {speed:.2f}x  (target >= 1.0x)")
+    print(f"memory ratio (ours / reference), no caching: {memory:.2f}x  (target <= 1.0x)")
+    print(f"speed ratio with cached latents + text embeddings: {cached_speed:.2f}x  (target >= 1.5x)")
+
+
+if __name__ == "__main__":
+    main()
