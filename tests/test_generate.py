@@ -5,6 +5,7 @@ import torch
 from PIL import Image
 
 from control_fixtures import one_thread
+from tiny_checkpoint import write_tiny_single_file
 from lib_controlnet import images, tiny_models
 from lib_controlnet.cli import main
 from lib_controlnet.infotext import parse_infotext, units_from_params
@@ -93,28 +94,8 @@ def test_bad_input_is_one_line_and_exit_2(files, tmp_path, capsys):
 
 
 def _tiny_single_file(files):
-    """The tiny base as one ldm checkpoint: UNet via the models engineer's converter, CLIP under
-    cond_stage_model.transformer, and a VAE built by the WebUI's own ldm Encoder/Decoder (random weights)."""
-    from diffusers import StableDiffusionPipeline
-    from ldm.modules.diffusionmodules.model import Decoder, Encoder
-    from safetensors.torch import save_file
-
-    from lib_controlnet.models import unet_diffusers_to_ldm
-
-    folder = StableDiffusionPipeline.from_pretrained(files / "base", local_files_only=True)
-    state = unet_diffusers_to_ldm(folder.unet.state_dict(), prefix="model.diffusion_model.")
-    state.update({"cond_stage_model.transformer." + k: v for k, v in folder.text_encoder.state_dict().items()})
-    torch.manual_seed(0)
-    ddconfig = dict(ch=32, out_ch=3, ch_mult=(1, 1, 2, 2), num_res_blocks=1, attn_resolutions=[], in_channels=3,
-                    resolution=128, z_channels=4, double_z=True)
-    vae = {**{"encoder." + k: v for k, v in Encoder(**ddconfig).state_dict().items()},
-           **{"decoder." + k: v for k, v in Decoder(**ddconfig).state_dict().items()},
-           "quant_conv.weight": torch.randn(8, 8, 1, 1) * 0.1, "quant_conv.bias": torch.zeros(8),
-           "post_quant_conv.weight": torch.randn(4, 4, 1, 1) * 0.1, "post_quant_conv.bias": torch.zeros(4)}
-    state.update({"first_stage_model." + k: v for k, v in vae.items()})
     path = files / "tiny-sd15.safetensors"
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    return folder, path
+    return write_tiny_single_file(files / "base", path), path
 
 
 def test_single_file_base_loads_offline_with_a_config_folder(files, tmp_path, capsys):

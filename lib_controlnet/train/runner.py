@@ -16,7 +16,7 @@ class TrainingBusy(UserError):
 
 class BackgroundTraining:
     def __init__(self, base_provider=None):
-        self.base_provider = base_provider  # () -> BaseModel, e.g. the WebUI's loaded checkpoint
+        self.base_provider = base_provider  # (TrainConfig) -> BaseModel, e.g. the WebUI's loaded checkpoint
         self.lock = threading.Lock()
         self.thread: threading.Thread | None = None
         self.cancel_event = threading.Event()
@@ -58,7 +58,7 @@ class BackgroundTraining:
         callbacks = TrainCallbacks(on_progress=self._on_progress, on_validation=self._on_validation,
                                    on_message=self.messages.append)
         try:
-            base = self.base_provider() if (use_base_provider and self.base_provider) else None
+            base = self.base_provider(config) if (use_base_provider and self.base_provider) else None
             self.result = Trainer(config, callbacks, self.cancel_event, base=base).run()
         except UserError as error:
             self.error = str(error)

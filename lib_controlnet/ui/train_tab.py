@@ -67,7 +67,9 @@ def exported_text(runner: BackgroundTraining) -> str:
     return "\n".join(str(p) for p in (result.exported, result.exported_diffusers, result.report) if p)
 
 
-def build_train_tab(runner: BackgroundTraining | None = None):
+def build_train_tab(runner: BackgroundTraining | None = None, loaded_checkpoint=None):
+    """`loaded_checkpoint`: () -> path of the checkpoint the WebUI has loaded; with it, the tab offers that model as
+    the base, and `runner.base_provider` loads it with the UNet weights the WebUI holds in memory."""
     import gradio as gr
 
     runner = runner or BackgroundTraining()
@@ -77,7 +79,11 @@ def build_train_tab(runner: BackgroundTraining | None = None):
         with gr.Row():
             c["dataset"] = gr.Textbox(label="Dataset folder (Dataset tab output, save_to_disk, or images/ + "
                                             "conditioning/)", elem_id="cntr_dataset")
-            c["base"] = gr.Textbox(label="Base model (diffusers folder or SD checkpoint file)", elem_id="cntr_base")
+            with gr.Column():
+                use_loaded = gr.Checkbox(value=loaded_checkpoint is not None, visible=loaded_checkpoint is not None,
+                                         label="Base: the WebUI's loaded checkpoint", elem_id="cntr_use_loaded")
+                c["base"] = gr.Textbox(label="Base model (diffusers folder or SD checkpoint file)",
+                                       elem_id="cntr_base")
         with gr.Row():
             c["output_dir"] = gr.Textbox(value=d.output_dir, label="Training folder (checkpoints, report)",
                                          elem_id="cntr_output_dir")
@@ -147,10 +153,13 @@ def build_train_tab(runner: BackgroundTraining | None = None):
         return (progress_html(runner.fraction(), eta), runner.status_text(), loss_frame(runner.losses),
                 gallery_items(runner.validation), exported_text(runner))
 
-    def on_start(*values):
+    def on_start(use_loaded_checkpoint, *values):
         try:
             config = config_from_values(dict(zip(FIELDS, values)))
-            runner.start(config)
+            from_webui = bool(use_loaded_checkpoint and loaded_checkpoint is not None)
+            if from_webui:
+                config.base = loaded_checkpoint()
+            runner.start(config, use_base_provider=from_webui)
         except UserError as error:
             yield progress_html(0, None), f"error: {error}", loss_frame([]), [], ""
             return
@@ -163,7 +172,7 @@ def build_train_tab(runner: BackgroundTraining | None = None):
         runner.cancel()
         return "cancelling: the run stops after this step and saves a checkpoint"
 
-    start.click(on_start, [c[name] for name in FIELDS], [bar, status, curve, gallery, exported])
+    start.click(on_start, [use_loaded] + [c[name] for name in FIELDS], [bar, status, curve, gallery, exported])
     cancel.click(on_cancel, None, [status])
-    return {"components": c, "start": start, "cancel": cancel, "status": status, "curve": curve, "gallery": gallery,
+    return {"components": c, "use_loaded": use_loaded, "start": start, "cancel": cancel, "status": status, "curve": curve, "gallery": gallery,
             "exported": exported, "progress": bar, "runner": runner, "on_start": on_start, "on_cancel": on_cancel}

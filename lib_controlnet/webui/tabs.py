@@ -1,28 +1,19 @@
-"""The Dataset and Train tabs as WebUI top-level tabs (on_ui_tabs), when their builders are present."""
+"""The Dataset and Train tabs as WebUI top-level tabs (on_ui_tabs)."""
 from __future__ import annotations
-
-import importlib
-import logging
-
-log = logging.getLogger(__name__)
-
-TABS = (
-    ("lib_controlnet.ui.dataset_tab", "build_dataset_tab", "ControlNet Dataset", "controlnet_dataset_tab"),
-    ("lib_controlnet.ui.train_tab", "build_train_tab", "ControlNet Train", "controlnet_train_tab"),
-)
 
 
 def build_tabs() -> list:
     import gradio as gr
 
-    tabs = []
-    for module_name, builder_name, title, elem_id in TABS:
-        try:
-            builder = getattr(importlib.import_module(module_name), builder_name)
-        except (ImportError, AttributeError) as error:
-            log.warning("ControlNet: the %s tab is not available (%s)", title, error)
-            continue
-        with gr.Blocks(analytics_enabled=False) as block:
-            builder()
-        tabs.append((block, title, elem_id))
-    return tabs
+    from lib_controlnet.train.runner import BackgroundTraining
+    from lib_controlnet.ui.dataset_tab import build_dataset_tab
+    from lib_controlnet.ui.train_tab import build_train_tab
+    from lib_controlnet.webui import train_base
+
+    with gr.Blocks(analytics_enabled=False) as dataset:
+        build_dataset_tab()
+    with gr.Blocks(analytics_enabled=False) as train:
+        build_train_tab(BackgroundTraining(base_provider=train_base.loaded_checkpoint_base),
+                        loaded_checkpoint=train_base.loaded_checkpoint_path)
+    return [(dataset, "ControlNet Dataset", "controlnet_dataset_tab"),
+            (train, "ControlNet Train", "controlnet_train_tab")]
