@@ -44,7 +44,7 @@ class StandaloneGenerator:
         self._lock = threading.Lock()  # one job at a time: hooks go on the one shared UNet
 
     def __call__(self, job: api.GenerationJob) -> api.GenerationOutput:
-        from lib_controlnet import generate
+        from lib_controlnet import base_model, generate
 
         if self.base is None:
             raise NoBaseModelError("No base model: start the server with --base PATH (a diffusers folder or an "
@@ -56,7 +56,7 @@ class StandaloneGenerator:
             batch_size=job.batch_size)
         with self._lock:
             if self._pipe is None:
-                self._pipe = generate.load_base(self.base)
+                self._pipe = base_model.load_pipeline(self.base)
             result = generate.generate(request, pipe=self._pipe)
         maps = [result.detected[key] for key in sorted(result.detected, key=_map_order)
                 if _wants_map(job.units, key)]

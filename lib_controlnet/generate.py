@@ -13,14 +13,13 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from lib_controlnet.base_model import BaseModelError, load_pipeline as load_base
 from lib_controlnet.control import ControlError, ControlJob, Controller, RowLayout
 from lib_controlnet.errors import UserError
 from lib_controlnet.hosts import diffusers as diffusers_host
 from lib_controlnet.infotext import build_infotext, units_to_params
-from lib_controlnet.settings import SHIPPED_CONFIGS_DIR
 from lib_controlnet.unit import ControlUnit
 
-BASE_CONFIGS_DIR = SHIPPED_CONFIGS_DIR / "base"
 # diffusers scheduler class -> the WebUI's sampler name, for the infotext
 SAMPLER_NAMES = {
     "PNDMScheduler": "PLMS", "DDIMScheduler": "DDIM", "EulerDiscreteScheduler": "Euler",
@@ -28,10 +27,6 @@ SAMPLER_NAMES = {
     "UniPCMultistepScheduler": "UniPC", "LMSDiscreteScheduler": "LMS", "HeunDiscreteScheduler": "Heun",
     "DDPMScheduler": "DDPM",
 }
-
-
-class BaseModelError(UserError):
-    """The base checkpoint cannot be used (missing, wrong kind, unsupported family)."""
 
 
 @dataclasses.dataclass
@@ -67,48 +62,6 @@ class GenerateResult:
     images: list  # PIL images
     detected: dict[str, np.ndarray]  # "0" (or "0-1" for a unit's second image) -> detected map
     infotext: str
-
-
-def detect_family(keys_and_shapes: dict) -> str:
-    """sd15 / sd2 / sdxl from an ldm checkpoint's keys (SD2's attention projections are linear)."""
-    if any(k.startswith("conditioner.embedders.") for k in keys_and_shapes):
-        return "sdxl"
-    for key, shape in keys_and_shapes.items():
-        if key.endswith("input_blocks.1.1.proj_in.weight"):
-            return "sd2" if len(shape) == 2 else "sd15"
-    raise BaseModelError("The base file holds no Stable Diffusion UNet (model.diffusion_model.*).")
-
-
-def load_base(path, config: Optional[str] = None, dtype=torch.float32):
-    """A StableDiffusionPipeline from a diffusers folder or a single-file ldm checkpoint, offline."""
-    from diffusers import StableDiffusionPipeline
-
-    from lib_controlnet import tiny_models
-
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise BaseModelError(f"Base model {path} does not exist.")
-    common = dict(safety_checker=None, requires_safety_checker=False, torch_dtype=dtype)
-    if path.is_dir():
-        if not (path / "model_index.json").exists():
-            raise BaseModelError(f"{path} is a folder without model_index.json, so not a diffusers model.")
-        return StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, **common)
-    if config is None:
-        from lib_controlnet.models.loading import read_header
-
-        family = detect_family(read_header(path).shapes)
-        if family == "sdxl":
-            raise BaseModelError("SDXL single-file bases are not supported by the standalone generator yet; "
-                                 "use SD1.5 or SD2, or a diffusers folder.")
-        config = str(BASE_CONFIGS_DIR / family)
-    # The shipped configs hold no tokenizer files: every SD1/SD2 tokenizer shares CLIP's vocabulary.
-    try:
-        return StableDiffusionPipeline.from_single_file(str(path), config=str(config), local_files_only=True,
-                                                        tokenizer=tiny_models.tokenizer(), **common)
-    except (OSError, ValueError, RuntimeError, KeyError) as error:
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        raise BaseModelError(f"Could not load {path.name} with the config in {config} ({reason}); pass "
-                             f"--base-config with a diffusers config folder that matches it.") from None
 
 
 def _detected_maps(controller: Controller) -> dict[str, np.ndarray]:
@@ -186,4 +139,4 @@ def write_outputs(result: GenerateResult, out_dir) -> list[Path]:
     return written
 
 
-__all__ = ["GenerateRequest", "GenerateResult", "generate", "load_base", "write_outputs", "ControlError"]
+__all__ = ["GenerateRequest", "GenerateResult", "generate", "load_base", "write_outputs", "ControlError", "BaseModelError"]

@@ -99,7 +99,7 @@ def _tiny_single_file(files):
 
 
 def test_single_file_base_loads_offline_with_a_config_folder(files, tmp_path, capsys):
-    from lib_controlnet.generate import BaseModelError, load_base
+    from lib_controlnet.base_model import BaseModelError, load_pipeline as load_base
 
     folder, path = _tiny_single_file(files)
     loaded = load_base(path, config=str(files / "base"))
@@ -125,7 +125,7 @@ def test_shipped_base_configs_have_the_real_models_sizes(family, unet_m, text_m)
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from lib_controlnet.generate import BASE_CONFIGS_DIR
+    from lib_controlnet.base_model import BASE_CONFIGS_DIR
 
     root = BASE_CONFIGS_DIR / family
     with init_empty_weights():
