@@ -34,7 +34,7 @@ def test_api_units_at_the_front_replace_the_panel():
     assert split_args([api_unit] + _panel()[1:]) == [api_unit]
     with pytest.raises(ControlUnitError) as caught:
         units_from_args([{"weight": "heavy"}] + _panel()[1:])
-    assert caught.value.field == "weight"
+    assert caught.value.field == "0.weight"  # the unit index first, as the API names fields
 
 
 def test_sketch_masks():

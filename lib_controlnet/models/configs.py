@@ -55,7 +55,8 @@ def _levels(shapes) -> int:
 
 
 def _depth(shapes, prefix: str) -> int:
-    found = {int(m.group(1)) for k in shapes if (m := re.match(re.escape(prefix) + r"transformer_blocks\.(\d+)\.", k))}
+    pattern = re.compile(re.escape(prefix) + r"transformer_blocks\.(\d+)\.")  # once, not once per key
+    found = {int(m.group(1)) for k in shapes if (m := pattern.match(k))}
     return len(found)
 
 

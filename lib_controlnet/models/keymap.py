@@ -11,6 +11,7 @@ names are identical in both layouts; SD1's 1x1-conv proj_in/out and SD2/SDXL's l
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import Mapping, TypeVar
 
 from lib_controlnet.models.errors import ModelFileError
@@ -152,6 +153,7 @@ def _diffusers_to_ldm(state_dict: Mapping[str, T], what: str) -> dict[str, T]:
 
 
 # ---------------------------------------------------------------------------------------------- ldm -> diffusers
+@lru_cache(maxsize=8192)  # detection and loading both map the same names; a second pass is then free
 def _to_diffusers_key(key: str, lpb: int, hint_out: int) -> str | None:
     m = re.fullmatch(r"time_embed\.([02])\.(.+)", key)
     if m:

@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from lib_controlnet.unit import ControlUnit
+from lib_controlnet.unit import ControlUnit, ControlUnitError
 
 # One unit's components in the order ui() returns them. `independent_image` and `control_type` are panel
 # state (not unit fields); `image` is gradio's sketch value {"image": array, "mask": array} or None.
@@ -80,15 +80,19 @@ def split_args(args: Sequence[Any]) -> list[Any]:
 
 
 def units_from_args(args: Sequence[Any]) -> list[PanelUnit]:
-    """Every unit in a script call, enabled or not; ControlUnitError names a bad field of an API unit."""
+    """Every unit in a script call, enabled or not; ControlUnitError names a bad field of an API unit as
+    `<index>.<field>`."""
     out = []
-    for raw in split_args(args):
+    for index, raw in enumerate(split_args(args)):
         if isinstance(raw, ControlUnit):
             out.append(PanelUnit(raw, raw.image is not None))
         elif set(raw) >= set(UNIT_FIELDS):
             out.append(unit_from_values(raw))
         else:
-            unit = ControlUnit.from_dict(raw)
+            try:
+                unit = ControlUnit.from_dict(raw)
+            except ControlUnitError as error:
+                raise ControlUnitError(f"{index}.{error.field}", error.message) from None
             out.append(PanelUnit(unit, unit.image is not None))
     return out
 
