@@ -13,7 +13,7 @@
                 var button = buttons[i];
                 var box = panel.querySelector(".cnet-unit-enabled input[type=checkbox]");
                 if (!button || !box) return;
-                var base = button.dataset.cnetTitle || button.textContent.replace(/\s*\[on\]$/, "");
+                var base = button.dataset.cnetTitle || button.textContent.replace(/\s*\[on\]$/, "").trim();
                 button.dataset.cnetTitle = base;
                 var wanted = box.checked ? base + " [on]" : base;
                 if (button.textContent !== wanted) button.textContent = wanted;

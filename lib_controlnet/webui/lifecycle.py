@@ -121,6 +121,7 @@ class Lifecycle:
         cfg = get_settings()
         wanted = {plan.index: plan.unit for plan in job.plans}
         folder = Path(cfg.detected_maps_dir)
+        number = _next_file_number(folder) if cfg.save_detected_maps else 0
         for n, (index, detected) in enumerate(job.detected_maps):
             unit = wanted.get(index)
             if unit is None:
@@ -132,7 +133,14 @@ class Lifecycle:
             if cfg.save_detected_maps:
                 folder.mkdir(parents=True, exist_ok=True)
                 seed = getattr(processed, "seed", 0)
-                image.save(folder / f"{seed}-unit{index}-{unit.module.split(' ')[0]}-{n}.png")
+                image.save(folder / f"{number + n:05d}-{seed}-unit{index}-{unit.module.split(' ')[0]}.png")
+
+
+def _next_file_number(folder: Path) -> int:
+    """The WebUI's own numbering ("00012-<seed>.png"), so maps of jobs with the same seed never overwrite."""
+    numbers = [int(name.split("-", 1)[0]) for name in (p.name for p in folder.glob("*.png"))
+               if name.split("-", 1)[0].isdigit()] if folder.is_dir() else []
+    return max(numbers, default=-1) + 1
 
 
 # Jobs whose UNet is hooked, so that the global on_cfg_denoiser callback can find them.
