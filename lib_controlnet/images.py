@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -51,26 +50,20 @@ def _check_size(width: int, height: int) -> None:
 # ---------------------------------------------------------------- decoding to PIL
 
 
-def _bytes_from_string(text: str) -> bytes | Path:
-    """A string is a data URL, a path to an existing file, or bare base64."""
+def _bytes_from_string(text: str) -> bytes:
+    """A string is a data URL or bare base64, never a file path: strings arrive from API clients, and a path
+    would let them read (or probe for) files on the server. Files come in as `Path` objects."""
     stripped = text.strip()
     if stripped.startswith("data:"):
         header, _, payload = stripped.partition(",")
         if ";base64" not in header:
             raise ImageInputError("The data URL is not base64-encoded.")
         return _b64decode(payload)
-    if len(stripped) < 4096:
-        try:
-            candidate = Path(os.path.expanduser(stripped))
-            if candidate.is_file():
-                return candidate
-        except (OSError, ValueError):
-            pass
     try:
         return _b64decode(stripped)
     except ImageInputError:
         short = stripped if len(stripped) <= 60 else stripped[:57] + "..."
-        raise ImageInputError(f"{short!r} is neither an image file nor base64 image data.") from None
+        raise ImageInputError(f"{short!r} is not base64 image data.") from None
 
 
 def _b64decode(payload: str) -> bytes:
@@ -126,8 +119,7 @@ def to_pil(obj: Any) -> Image.Image:
     elif isinstance(obj, str):
         if not obj.strip():
             raise ImageInputError("The image is an empty string.")
-        source = _bytes_from_string(obj)
-        image = _open(source, str(source) if isinstance(source, Path) else "The base64 data")
+        image = _open(_bytes_from_string(obj), "The base64 data")
     elif obj is None:
         raise ImageInputError("No image was given.")
     else:

@@ -148,6 +148,16 @@ def test_detect_bad_payloads_answer_422_and_the_server_keeps_serving(server, pho
     assert server.get("/controlnet/version").status_code == 200
 
 
+def test_a_server_file_path_is_not_an_image(server, photo, tmp_path):
+    """Clients send image data; a path must not make the server read one of its own files."""
+    on_server = tmp_path / "secret.png"
+    Image.fromarray(photo).save(on_server)
+    response = server.post("/controlnet/detect", json={"controlnet_module": "canny",
+                                                       "controlnet_input_images": [str(on_server)]})
+    _assert_422(response, "controlnet_input_images[0]")
+    assert "base64" in response.text
+
+
 def test_detect_rejects_non_json(server):
     response = server.post("/controlnet/detect", data=b"{not json", headers={"Content-Type": "application/json"})
     assert response.status_code == 422

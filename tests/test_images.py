@@ -29,12 +29,25 @@ def test_rgb_photo_round_trips_through_every_container(tmp_path):
     path = tmp_path / "cat.png"
     path.write_bytes(png)
     b64 = base64.b64encode(png).decode()
-    for source in (PHOTO, Image.fromarray(PHOTO), png, bytearray(png), path, str(path), b64,
+    for source in (PHOTO, Image.fromarray(PHOTO), png, bytearray(png), path, b64,
                    "data:image/png;base64," + b64, b64[:40] + "\n" + b64[40:]):
         out = to_rgb_array(source)
         assert out.shape == PHOTO.shape and out.dtype == np.uint8
         np.testing.assert_array_equal(out, PHOTO)
     assert to_rgb_array(PHOTO) is not PHOTO  # callers' arrays are never handed back to be mutated
+
+
+def test_strings_are_never_read_as_server_files(tmp_path):
+    """Strings come from API clients: a path in one must not read, or reveal the existence of, a server file."""
+    (tmp_path / "a.png").write_bytes(_encode(Image.fromarray(PHOTO)))
+    messages = []
+    for name in ("a.png", "b.png"):  # one exists, one does not: the answers must not tell them apart
+        with pytest.raises(ImageInputError) as caught:
+            to_rgb_array(str(tmp_path / name))
+        messages.append(str(caught.value).replace(name, "NAME"))
+    assert messages[0] == messages[1] and "not base64" in messages[0]
+    with pytest.raises(ImageInputError, match="not an image"):
+        to_rgb_array("/etc/passwd")  # happens to be valid base64; decodes to bytes that are no image
 
 
 def test_grayscale_and_one_bit_become_three_equal_channels():
@@ -134,7 +147,7 @@ def test_enormous_image_is_refused_from_its_header():
     (42, "int"),
     ("data:image/png;base64,@@@not base64@@@", "base64"),
     ("data:text/plain,hello", "not base64-encoded"),
-    ("/no/such/file.png", "neither an image file nor base64"),
+    ("/no/such/file.png", "not base64 image data"),
     (np.zeros((0, 4, 3), np.uint8), "empty"),
     (np.zeros((4, 4, 5), np.uint8), "not an image"),
     (np.zeros((2, 2, 2, 2), np.uint8), "not an image"),

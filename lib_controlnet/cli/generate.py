@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from lib_controlnet.errors import UserError
 from lib_controlnet.unit import ControlUnit
@@ -25,6 +26,10 @@ def parse_unit(text: str) -> ControlUnit:
         if required not in values:
             raise UserError(f"--unit {text!r} needs {required}=...")
     values.setdefault("module", "none")
+    image = Path(values["image"]).expanduser()
+    if not image.is_file():
+        raise UserError(f"--unit image {values['image']!r} is not a file.")
+    values["image"] = image  # a Path: image strings are read as base64 only
     return ControlUnit.from_dict(values)
 
 
