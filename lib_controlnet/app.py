@@ -87,8 +87,8 @@ def batch_jobs(units: list) -> list[list]:
     for k in range(count):
         job_units = list(units)
         for i, (images, masks) in folders.items():
-            image = str(pick(images, k, 1)[0])
-            mask = str(pick(masks, k, 1)[0]) if masks else None
+            image = pick(images, k, 1)[0]
+            mask = pick(masks, k, 1)[0] if masks else None
             job_units[i] = units[i].replace(image=image, mask=mask)
         jobs.append(job_units)
     return jobs

@@ -228,11 +228,12 @@ def test_txt2img_job_controls_the_unet_and_leaves_no_trace(webui, txt2img_script
     assert "ControlNet 0" in p.extra_generation_params and "ControlNet 1" not in p.extra_generation_params
     assert _hooks(unet) == hooks_before
     assert torch.equal(_unet_output(unet), before)
-    saved = sorted(p.name for p in (webui["root"] / "maps").glob("*.png"))  # saved per settings
+    (webui["root"] / "maps" / "1234-unit0-canny-0.png").write_bytes(b"")  # an older version's name: not counted
+    saved = sorted(p.name for p in (webui["root"] / "maps").glob("*.png") if p.name[5] == "-")  # saved per settings
     assert saved and saved[-1].endswith(f"-{controlled.seed}-unit0-canny.png")
     _run(txt2img_script, _args(txt2img_script, **_canny_unit(photo)))  # the same seed again adds, never overwrites
-    again = sorted(p.name for p in (webui["root"] / "maps").glob("*.png"))
-    assert len(again) == len(saved) + 1 and set(saved) < set(again)
+    again = sorted(p.name for p in (webui["root"] / "maps").glob("*.png") if p.name[5] == "-")
+    assert len(again) == len(saved) + 1 and set(saved) < set(again) and again[-1].startswith(f"{len(saved):05d}-")
 
 
 def test_batch_layout_split_calls_match_one_call(txt2img_script, photo):

@@ -76,6 +76,6 @@ def test_standalone_batch_mode_runs_one_job_per_folder_image(tmp_path):
     units = [ControlUnit(module="canny", model="m", batch_image_dir=str(tmp_path)), ControlUnit(enabled=False)]
     jobs = batch_jobs(units)
     assert len(jobs) == 3
-    assert [job[0].image.rsplit("/", 1)[1] for job in jobs] == ["1.png", "2.png", "3.png"]
+    assert [job[0].image.name for job in jobs] == ["1.png", "2.png", "3.png"]
     assert all(job[1] is units[1] for job in jobs)
     assert batch_jobs(units[1:]) == [units[1:]]

@@ -70,9 +70,9 @@ class WebUIJob:
                 picks = pick(plan.batch_images, start, p.batch_size)
                 if plan.batch_masks:
                     masks = pick(plan.batch_masks, start, p.batch_size)
-                    picks = [{"image": str(img), "mask": str(m)} for img, m in zip(picks, masks)]
+                    picks = [{"image": img, "mask": m} for img, m in zip(picks, masks)]
                 else:
-                    picks = [str(img) for img in picks]
+                    picks = list(picks)
                 unit = unit.replace(image=picks)
             units.append(unit)
         return units

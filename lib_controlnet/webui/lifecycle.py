@@ -5,6 +5,7 @@ Args reach every hook as the WebUI passes them: the panel's flat component value
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -137,10 +138,14 @@ class Lifecycle:
 
 
 def _next_file_number(folder: Path) -> int:
-    """The WebUI's own numbering ("00012-<seed>.png"), so maps of jobs with the same seed never overwrite."""
-    numbers = [int(name.split("-", 1)[0]) for name in (p.name for p in folder.glob("*.png"))
-               if name.split("-", 1)[0].isdigit()] if folder.is_dir() else []
+    """The WebUI's own numbering ("00012-<seed>-unit0-canny.png"), so maps of jobs with the same seed never
+    overwrite; files named any other way (older versions, the user's own) do not count."""
+    numbers = [int(m.group(1)) for p in (folder.glob("*.png") if folder.is_dir() else [])
+               if (m := _MAP_NAME.match(p.name))]
     return max(numbers, default=-1) + 1
+
+
+_MAP_NAME = re.compile(r"(\d+)-\d+-unit\d+-")
 
 
 # Jobs whose UNet is hooked, so that the global on_cfg_denoiser callback can find them.
