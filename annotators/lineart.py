@@ -18,7 +18,8 @@ def _lineart_networks():
     coarse = find_weight("sk_model2.pth", "lineart_coarse")
     detector = aux_module("lineart").LineartDetector.from_pretrained(
         str(fine.parent), filename=fine.name, coarse_filename=str(coarse))  # os.path.join keeps an absolute path
-    return prepare(detector.model), prepare(detector.model_coarse)
+    # NCHW: reflection padding and instance norm in these generators run slower channels-last on CPU
+    return prepare(detector.model, channels_last=False), prepare(detector.model_coarse, channels_last=False)
 
 
 def _run_generator(images, coarse: bool):
@@ -27,7 +28,7 @@ def _run_generator(images, coarse: bool):
     fine_net, coarse_net = load_once("lineart", _lineart_networks)
     net = coarse_net if coarse else fine_net
     with torch.inference_mode():
-        line = net(to_batch(images, scale=1.0 / 255.0))[:, 0]
+        line = net(to_batch(images, scale=1.0 / 255.0, channels_last=False))[:, 0]
         return [255 - m for m in to_uint8(line.mul_(255.0))]
 
 
@@ -46,7 +47,7 @@ coarse = batchable(_coarse)
 def _anime_network():
     path = find_weight("netG.pth", "lineart_anime")
     detector = aux_module("lineart_anime").LineartAnimeDetector.from_pretrained(str(path.parent), filename=path.name)
-    return prepare(detector.model)
+    return prepare(detector.model, channels_last=False)
 
 
 def _anime(images, p: Params):
@@ -59,7 +60,7 @@ def _anime(images, p: Params):
     feed = [cv2.resize(img, (wn, hn), interpolation=cv2.INTER_CUBIC) if (hn, wn) != (h, w) else img
             for img in images]
     with torch.inference_mode():
-        lines = net(to_batch(feed, scale=1.0 / 127.5, offset=-1.0))[:, 0].mul_(127.5).add_(127.5)
+        lines = net(to_batch(feed, scale=1.0 / 127.5, offset=-1.0, channels_last=False))[:, 0].mul_(127.5).add_(127.5)
         lines = lines.cpu().numpy()
     out = []
     for line in lines:
