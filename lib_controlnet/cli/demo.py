@@ -99,7 +99,7 @@ def load_and_generate(out: Path, config, result, hints: list[str]) -> list[Path]
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for number, hint in enumerate(hints):
-        unit = ControlUnit(model=name, module="none", image=hint)
+        unit = ControlUnit(model=name, module="none", image=Path(hint))  # a Path: image strings are base64
         request = GenerateRequest(base=config.base, prompt=CAPTION, units=[unit], steps=10, width=config.resolution,
                                   height=config.resolution, seed=number, guidance_scale=3.0)
         image = generate(request).images[0]
