@@ -10,9 +10,7 @@ import base64
 import dataclasses
 import io
 import json
-import os
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,7 +21,8 @@ import requests
 from fastapi import FastAPI, Request
 from PIL import Image
 
-STANDIN = Path(__file__).resolve().parent / "webui_standin"
+from webui_standin.activate import standin_webui
+
 MODEL_STEM = "control_sd15_canny_payload"
 
 
@@ -35,6 +34,11 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def webui_app(tmp_path_factory):
+    with standin_webui(tmp_path_factory.mktemp("payload-check")):
+        yield from _serve_webui_app()
+
+
+def _serve_webui_app():
     import uvicorn
     from starlette.middleware.gzip import GZipMiddleware
 
@@ -42,10 +46,6 @@ def webui_app(tmp_path_factory):
     from lib_controlnet.models import get_registry, save_controlnet_ldm
     from lib_controlnet.settings import get_settings, update_settings
     from lib_controlnet.webui import callbacks
-
-    saved_root = os.environ.get("CNET_STANDIN_ROOT")
-    os.environ["CNET_STANDIN_ROOT"] = str(tmp_path_factory.mktemp("payload-check"))
-    sys.path.insert(0, str(STANDIN))
     from modules import paths  # the stand-in's; our callback reads the WebUI's folders and options from it
 
     saved = dataclasses.asdict(get_settings())
@@ -78,13 +78,6 @@ def webui_app(tmp_path_factory):
     yield dict(url=f"http://127.0.0.1:{port}", reached=reached, app=app)
     server.should_exit = True
     thread.join(timeout=10)
-    sys.path.remove(str(STANDIN))
-    for name in [n for n in sys.modules if n == "modules" or n.startswith("modules.")]:
-        del sys.modules[name]  # the stand-in's roots were read from this test's folder; later tests bring theirs
-    if saved_root is None:
-        os.environ.pop("CNET_STANDIN_ROOT", None)
-    else:
-        os.environ["CNET_STANDIN_ROOT"] = saved_root
     update_settings(**saved)
     get_registry().refresh()
 

@@ -2,8 +2,6 @@
 UNet weights from the model the WebUI holds in memory (stand-in `modules.shared.sd_model`)."""
 from __future__ import annotations
 
-import os
-import sys
 import types
 from pathlib import Path
 
@@ -17,8 +15,8 @@ from lib_controlnet.train.config import TrainConfig
 from lib_controlnet.train.runner import BackgroundTraining
 from lib_controlnet.train.synthetic import write_folder_pair
 from tiny_checkpoint import write_tiny_single_file
+from webui_standin.activate import standin_webui
 
-STANDIN = Path(__file__).resolve().parent / "webui_standin"
 _threads = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 
@@ -27,9 +25,11 @@ def webui_model(tmp_path_factory):
     """A checkpoint file, and the WebUI's loaded model whose UNet weights differ from the file's (a merge or an
     edit made in memory)."""
     root = tmp_path_factory.mktemp("train-base")
-    saved_root = os.environ.get("CNET_STANDIN_ROOT")
-    os.environ["CNET_STANDIN_ROOT"] = str(root)
-    sys.path.insert(0, str(STANDIN))
+    with standin_webui(root):
+        yield _loaded_model(root)
+
+
+def _loaded_model(root: Path) -> dict:
     from modules import shared
 
     save_tiny_diffusers_base(root / "base")
@@ -40,14 +40,7 @@ def webui_model(tmp_path_factory):
             param.add_(0.01)
     shared.sd_model = types.SimpleNamespace(sd_checkpoint_info=types.SimpleNamespace(filename=str(root / "tiny-sd15.safetensors")),
                                             model=types.SimpleNamespace(diffusion_model=in_memory), is_sdxl=False)
-    yield dict(root=root, unet=in_memory, shared=shared)
-    sys.path.remove(str(STANDIN))
-    for name in [n for n in sys.modules if n == "modules" or n.startswith("modules.")]:
-        del sys.modules[name]
-    if saved_root is None:
-        os.environ.pop("CNET_STANDIN_ROOT", None)
-    else:
-        os.environ["CNET_STANDIN_ROOT"] = saved_root
+    return dict(root=root, unet=in_memory, shared=shared)
 
 
 def test_base_has_the_in_memory_unet_weights(webui_model):
