@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from lib_controlnet.control_forward import added_embedding_input, controlnet_residuals, hint_embedding
+from lib_controlnet.cpu_convolution import use_fastest_kernels
 from lib_controlnet.control_units import (SOFT_WEIGHT_BASE, ControlError, ControlJob, PreparedUnit,  # noqa: F401
                                           prepare_units)
 from lib_controlnet.unit import ControlMode, HiResFixOption
@@ -90,6 +91,8 @@ class Controller:
     def __init__(self, job: ControlJob, units: Optional[list[PreparedUnit]] = None):
         self.job = job
         self.units = units if units is not None else prepare_units(job)
+        for prepared in self.units:
+            use_fastest_kernels(prepared.model)
         self.step = 0
         self.total_steps = max(int(job.steps), 1)
         self.hires_pass = False

@@ -1,0 +1,104 @@
+"""Convolutions on the CPU: per shape, the faster of PyTorch's two CPU kernels, picked by timing both once.
+
+PyTorch runs a float convolution on the CPU either through oneDNN (its default) or through its own
+im2col + GEMM kernel. Neither wins everywhere: oneDNN is faster on large images with few channels, but on the
+small, wide layers of a ControlNet's lower blocks (1280 channels at 8x8 or 4x4 latents) and on depthwise
+convolutions the GEMM kernel is several times faster on the CPUs measured here (see benchmarks/bench_hook.py
+and benchmarks/bench_preprocess.py). Which one wins depends on the CPU and the thread count, so nothing is
+hard-coded: the first call of each shape times both and remembers the winner, the way cudnn.benchmark does on
+GPUs. Both kernels compute the same convolution; only the order of the float additions differs.
+
+Only inference is touched (no gradient recorded); training, other devices and other modules run as before.
+`use_fastest_kernels(module)` switches the class of the module's plain nn.Conv2d layers to a subclass, so
+weights, state-dict keys and `isinstance` checks stay as they were.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+from torch import nn
+
+# The default kernel keeps its place unless the other is clearly faster: a near tie is timing noise.
+_MARGIN = 0.85
+# The GEMM kernel unfolds the input (im2col) into a buffer of in/groups * kh * kw values per output pixel. Past
+# this size it is slow as well as large (gigabytes for a 7x7 layer on a 512 px image), so it is not even tried.
+_MAX_UNFOLD_BYTES = 32 * 2 ** 20
+_choices: dict[tuple, bool] = {}  # shape key -> use oneDNN
+_lock = threading.Lock()
+
+
+def use_fastest_kernels(module: nn.Module) -> nn.Module:
+    """Let every plain Conv2d in `module` run on the faster CPU kernel for its shape. Idempotent."""
+    for child in module.modules():
+        if type(child) is nn.Conv2d:
+            child.__class__ = FastestKernelConv2d
+    return module
+
+
+def _key(x: torch.Tensor, conv: nn.Conv2d) -> tuple:
+    return (tuple(x.shape), x.dtype, x.is_contiguous(memory_format=torch.channels_last), tuple(conv.weight.shape),
+            conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode, torch.get_num_threads())
+
+
+def _unfold_bytes(x: torch.Tensor, conv: nn.Conv2d) -> int:
+    if isinstance(conv.padding, str):  # "same" keeps the size (stride 1), "valid" pads nothing
+        pads = [k // 2 if conv.padding == "same" else 0 for k in conv.kernel_size]
+    else:
+        pads = conv.padding
+    out_pixels = 1
+    for side, kernel, stride, pad, dilation in zip(x.shape[-2:], conv.kernel_size, conv.stride, pads, conv.dilation):
+        out_pixels *= max(1, (side + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1)
+    per_pixel = conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
+    return x.shape[0] * per_pixel * out_pixels * x.element_size()
+
+
+def _timed(fn, onednn: bool):
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = onednn
+    try:
+        start = time.perf_counter()
+        out = fn()
+        return out, time.perf_counter() - start
+    finally:
+        torch.backends.mkldnn.enabled = previous
+
+
+class FastestKernelConv2d(nn.Conv2d):
+    """nn.Conv2d whose CPU inference runs on the kernel that was faster for its input shape."""
+
+    def _conv_forward(self, input, weight, bias):
+        run = lambda: super(FastestKernelConv2d, self)._conv_forward(input, weight, bias)  # noqa: E731
+        if input.device.type != "cpu" or not torch.backends.mkldnn.enabled or (
+                torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad)):
+            return run()
+        if _unfold_bytes(input, self) > _MAX_UNFOLD_BYTES:
+            return run()
+        key = _key(input, self)
+        onednn = _choices.get(key)
+        if onednn is None:
+            return self._choose(key, run)
+        if onednn:
+            return run()
+        return _timed(run, onednn=False)[0]
+
+    def _choose(self, key, run):
+        # one warm-up each (oneDNN builds its kernel on first use), then one timed call each
+        _timed(run, onednn=True)
+        _timed(run, onednn=False)
+        _, with_onednn = _timed(run, onednn=True)
+        out, with_gemm = _timed(run, onednn=False)
+        with _lock:
+            _choices[key] = not with_gemm < _MARGIN * with_onednn
+        return out
+
+
+def chosen_kernels() -> dict[tuple, str]:
+    """What was picked so far, by shape key (for benchmarks and tests)."""
+    return {key: ("oneDNN" if onednn else "GEMM") for key, onednn in _choices.items()}
+
+
+def forget_choices() -> None:
+    with _lock:
+        _choices.clear()

@@ -1,0 +1,121 @@
+"""The per-shape CPU kernel choice for convolutions, and batch norms folded into annotator convolutions:
+the same numbers as the layers they replace, training untouched, PyTorch's global flag always restored."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from annotators.runtime import fold_batchnorms, prepare
+from lib_controlnet import cpu_convolution
+from lib_controlnet.cpu_convolution import FastestKernelConv2d, use_fastest_kernels
+
+SHAPES = [  # (in, out, kernel, stride, groups, side)
+    (8, 16, 3, 1, 1, 20), (16, 16, 3, 2, 1, 17), (64, 64, 3, 1, 1, 4), (12, 12, 3, 1, 12, 16), (6, 10, 1, 1, 1, 9)]
+
+
+@pytest.fixture(autouse=True)
+def fresh_choices():
+    cpu_convolution.forget_choices()
+    yield
+    cpu_convolution.forget_choices()
+
+
+def _conv(cin, cout, k, stride, groups):
+    torch.manual_seed(cin * 100 + cout)
+    return nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, groups=groups).eval()
+
+
+@pytest.mark.parametrize("cin, cout, k, stride, groups, side", SHAPES)
+def test_both_kernels_and_the_timed_choice_equal_the_plain_convolution(cin, cout, k, stride, groups, side):
+    plain = _conv(cin, cout, k, stride, groups)
+    fast = use_fastest_kernels(copy.deepcopy(plain))
+    assert type(fast) is FastestKernelConv2d and isinstance(fast, nn.Conv2d)
+    assert fast.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(2, cin, side, side)
+    with torch.inference_mode():
+        expected = plain(x)
+        torch.testing.assert_close(fast(x), expected, atol=1e-5, rtol=1e-5)  # first call: timed choice
+        (key, kernel), = cpu_convolution.chosen_kernels().items()
+        assert kernel in ("oneDNN", "GEMM") and key[0] == tuple(x.shape)
+        for onednn in (True, False):  # each kernel, whichever the timing picked
+            cpu_convolution._choices[key] = onednn
+            torch.testing.assert_close(fast(x), expected, atol=1e-5, rtol=1e-5)
+    assert torch.backends.mkldnn.enabled
+
+
+def test_training_runs_the_default_path_and_gets_gradients():
+    plain = _conv(4, 8, 3, 1, 1).train()
+    fast = use_fastest_kernels(copy.deepcopy(plain))
+    x = torch.randn(1, 4, 10, 10, requires_grad=True)
+    fast(x).sum().backward()
+    assert cpu_convolution.chosen_kernels() == {}
+    plain_x = x.detach().clone().requires_grad_(True)
+    plain(plain_x).sum().backward()
+    torch.testing.assert_close(fast.weight.grad, plain.weight.grad)
+    torch.testing.assert_close(x.grad, plain_x.grad)
+
+
+def test_the_global_flag_is_restored_after_an_error():
+    fast = use_fastest_kernels(_conv(4, 8, 3, 1, 1))
+    with torch.inference_mode():
+        fast(torch.randn(1, 4, 8, 8))
+        key, = cpu_convolution._choices
+        bad = torch.randn(1, 5, 8, 8)  # wrong channel count: every kernel raises
+        with pytest.raises(RuntimeError):
+            fast(bad)  # while timing the kernels
+        assert torch.backends.mkldnn.enabled
+        cpu_convolution._choices[(tuple(bad.shape),) + key[1:]] = False
+        with pytest.raises(RuntimeError):
+            fast(bad)  # inside the GEMM kernel, with oneDNN switched off
+    assert torch.backends.mkldnn.enabled
+
+
+def test_a_controlnet_runs_the_same_on_the_fastest_kernels():
+    from lib_controlnet import tiny_models
+
+    plain = tiny_models.tiny_controlnet("sd15").eval()
+    fast = use_fastest_kernels(copy.deepcopy(plain))
+    size = plain.config.cross_attention_dim
+    args = (torch.randn(2, 4, 8, 8), torch.tensor(10), torch.randn(2, 5, size))
+    hint = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        expected = plain(*args, controlnet_cond=hint)
+        for _ in range(2):  # the timed first call, then the chosen kernels
+            got = fast(*args, controlnet_cond=hint)
+            for a, b in zip([*got.down_block_res_samples, got.mid_block_res_sample],
+                            [*expected.down_block_res_samples, expected.mid_block_res_sample]):
+                torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)  # float sums in another order
+    assert len(cpu_convolution.chosen_kernels()) > 3
+
+
+def _conv_bn_net():
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8)),
+                        nn.BatchNorm2d(8))  # a batch norm after a non-convolution stays
+    for norm in net.modules():
+        if isinstance(norm, nn.BatchNorm2d):
+            norm.running_mean.uniform_(-1, 1)
+            norm.running_var.uniform_(0.5, 2)
+            norm.weight.data.uniform_(0.5, 1.5)
+            norm.bias.data.uniform_(-0.5, 0.5)
+    return net.eval()
+
+
+def test_batch_norms_fold_into_their_convolutions_with_the_same_output():
+    net = _conv_bn_net()
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        expected = net(x)
+        folded = prepare(copy.deepcopy(net), channels_last=False)
+        torch.testing.assert_close(folded(x), expected, atol=1e-5, rtol=1e-5)
+    kinds = [type(m).__name__ for m in folded.modules()]
+    assert kinds.count("BatchNorm2d") == 1 and kinds.count("Identity") == 2
+    assert kinds.count("FastestKernelConv2d") == 2
+
+
+def test_batch_norms_in_training_mode_are_left_alone():
+    net = _conv_bn_net().train()
+    fold_batchnorms(net)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in net.modules()) == 3
