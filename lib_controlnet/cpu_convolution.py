@@ -2,13 +2,15 @@
 
 PyTorch runs a float convolution on the CPU either through oneDNN (its default) or through its own
 im2col + GEMM kernel. Neither wins everywhere: oneDNN is faster on large images with few channels, but on the
-small, wide layers of a ControlNet's lower blocks (1280 channels at 8x8 or 4x4 latents) and on depthwise
-convolutions the GEMM kernel is several times faster on the CPUs measured here (see benchmarks/bench_hook.py
+small, wide layers of a ControlNet's lower blocks (1280 channels at 8x8 or 4x4 latents) and on 1x1
+convolutions the GEMM kernel is up to several times faster on the CPUs measured here (see benchmarks/bench_hook.py
 and benchmarks/bench_preprocess.py). Which one wins depends on the CPU and the thread count, so nothing is
 hard-coded: the first call of each shape times both and remembers the winner, the way cudnn.benchmark does on
 GPUs. Both kernels compute the same convolution; only the order of the float additions differs.
 
-Only inference is touched (no gradient recorded); training, other devices and other modules run as before.
+Only inference of ungrouped, zero-padded convolutions is touched (no gradient recorded; grouped convolutions
+such as depthwise ones are far slower on the GEMM kernel); training, other devices and other modules run as
+before.
 `use_fastest_kernels(module)` switches the class of the module's plain nn.Conv2d layers to a subclass, so
 weights, state-dict keys and `isinstance` checks stay as they were.
 """
@@ -43,55 +45,55 @@ def _key(x: torch.Tensor, conv: nn.Conv2d) -> tuple:
 
 
 def _unfold_bytes(x: torch.Tensor, conv: nn.Conv2d) -> int:
-    if isinstance(conv.padding, str):  # "same" keeps the size (stride 1), "valid" pads nothing
-        pads = [k // 2 if conv.padding == "same" else 0 for k in conv.kernel_size]
-    else:
-        pads = conv.padding
     out_pixels = 1
-    for side, kernel, stride, pad, dilation in zip(x.shape[-2:], conv.kernel_size, conv.stride, pads, conv.dilation):
+    for side, kernel, stride, pad, dilation in zip(x.shape[-2:], conv.kernel_size, conv.stride, conv.padding,
+                                                   conv.dilation):
         out_pixels *= max(1, (side + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1)
-    per_pixel = conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
-    return x.shape[0] * per_pixel * out_pixels * x.element_size()
+    return x.shape[0] * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] * out_pixels * x.element_size()
 
 
-def _timed(fn, onednn: bool):
-    previous = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = onednn
-    try:
-        start = time.perf_counter()
-        out = fn()
-        return out, time.perf_counter() - start
-    finally:
-        torch.backends.mkldnn.enabled = previous
+def _gemm_conv(x, weight, bias, conv: nn.Conv2d):
+    """PyTorch's own im2col + GEMM kernel, called directly: switching oneDNN off through the global flag
+    would also switch it off for convolutions running meanwhile in other threads."""
+    if conv.dilation == (1, 1):
+        return torch._C._nn.thnn_conv2d(x, weight, conv.kernel_size, bias, conv.stride, conv.padding)
+    return torch._C._nn.slow_conv_dilated2d(x, weight, conv.kernel_size, bias, conv.stride, conv.padding,
+                                            conv.dilation)
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
 
 
 class FastestKernelConv2d(nn.Conv2d):
     """nn.Conv2d whose CPU inference runs on the kernel that was faster for its input shape."""
 
     def _conv_forward(self, input, weight, bias):
-        run = lambda: super(FastestKernelConv2d, self)._conv_forward(input, weight, bias)  # noqa: E731
-        if input.device.type != "cpu" or not torch.backends.mkldnn.enabled or (
-                torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad)):
-            return run()
-        if _unfold_bytes(input, self) > _MAX_UNFOLD_BYTES:
-            return run()
+        default = lambda: super(FastestKernelConv2d, self)._conv_forward(input, weight, bias)  # noqa: E731
+        if (input.device.type != "cpu" or self.groups != 1 or self.padding_mode != "zeros"
+                or isinstance(self.padding, str) or input.dim() != 4
+                or (torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad))
+                or _unfold_bytes(input, self) > _MAX_UNFOLD_BYTES):
+            return default()
+        gemm = lambda: _gemm_conv(input, weight, bias, self)  # noqa: E731
         key = _key(input, self)
         onednn = _choices.get(key)
         if onednn is None:
-            return self._choose(key, run)
-        if onednn:
-            return run()
-        return _timed(run, onednn=False)[0]
-
-    def _choose(self, key, run):
-        # one warm-up each (oneDNN builds its kernel on first use), then one timed call each
-        _timed(run, onednn=True)
-        _timed(run, onednn=False)
-        _, with_onednn = _timed(run, onednn=True)
-        out, with_gemm = _timed(run, onednn=False)
-        with _lock:
-            _choices[key] = not with_gemm < _MARGIN * with_onednn
-        return out
+            # one warm-up each (oneDNN builds its kernel on first use), then one timed call each
+            default()
+            try:
+                gemm()
+            except RuntimeError:  # a dtype the GEMM kernel lacks: the default is the only choice
+                _choices[key] = True
+                return default()
+            _, with_onednn = _timed(default)
+            out, with_gemm = _timed(gemm)
+            with _lock:
+                _choices[key] = not with_gemm < _MARGIN * with_onednn
+            return out
+        return default() if onednn else gemm()
 
 
 def chosen_kernels() -> dict[tuple, str]:

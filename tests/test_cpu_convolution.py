@@ -10,8 +10,8 @@ from annotators.runtime import fold_batchnorms, prepare
 from lib_controlnet import cpu_convolution
 from lib_controlnet.cpu_convolution import FastestKernelConv2d, use_fastest_kernels
 
-SHAPES = [  # (in, out, kernel, stride, groups, side)
-    (8, 16, 3, 1, 1, 20), (16, 16, 3, 2, 1, 17), (64, 64, 3, 1, 1, 4), (12, 12, 3, 1, 12, 16), (6, 10, 1, 1, 1, 9)]
+SHAPES = [  # (in, out, kernel, stride, dilation, side)
+    (8, 16, 3, 1, 1, 20), (16, 16, 3, 2, 1, 17), (64, 64, 3, 1, 1, 4), (12, 12, 3, 1, 5, 16), (6, 10, 1, 1, 1, 9)]
 
 
 @pytest.fixture(autouse=True)
@@ -21,14 +21,15 @@ def fresh_choices():
     cpu_convolution.forget_choices()
 
 
-def _conv(cin, cout, k, stride, groups):
+def _conv(cin, cout, k, stride=1, dilation=1, groups=1):
     torch.manual_seed(cin * 100 + cout)
-    return nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, groups=groups).eval()
+    return nn.Conv2d(cin, cout, k, stride=stride, padding=dilation * (k // 2), dilation=dilation,
+                     groups=groups).eval()
 
 
-@pytest.mark.parametrize("cin, cout, k, stride, groups, side", SHAPES)
-def test_both_kernels_and_the_timed_choice_equal_the_plain_convolution(cin, cout, k, stride, groups, side):
-    plain = _conv(cin, cout, k, stride, groups)
+@pytest.mark.parametrize("cin, cout, k, stride, dilation, side", SHAPES)
+def test_both_kernels_and_the_timed_choice_equal_the_plain_convolution(cin, cout, k, stride, dilation, side):
+    plain = _conv(cin, cout, k, stride, dilation)
     fast = use_fastest_kernels(copy.deepcopy(plain))
     assert type(fast) is FastestKernelConv2d and isinstance(fast, nn.Conv2d)
     assert fast.state_dict().keys() == plain.state_dict().keys()
@@ -41,7 +42,18 @@ def test_both_kernels_and_the_timed_choice_equal_the_plain_convolution(cin, cout
         for onednn in (True, False):  # each kernel, whichever the timing picked
             cpu_convolution._choices[key] = onednn
             torch.testing.assert_close(fast(x), expected, atol=1e-5, rtol=1e-5)
-    assert torch.backends.mkldnn.enabled
+
+
+def test_grouped_huge_and_padded_convolutions_keep_the_default_kernel():
+    cases = [(_conv(12, 12, 3, groups=12), torch.randn(1, 12, 16, 16)),
+             (_conv(64, 8, 7), torch.randn(1, 64, 200, 200)),  # im2col buffer over the limit
+             (nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect").eval(), torch.randn(1, 4, 9, 9)),
+             (nn.Conv2d(4, 4, 3, padding="same").eval(), torch.randn(1, 4, 9, 9))]
+    with torch.inference_mode():
+        for plain, x in cases:
+            fast = use_fastest_kernels(copy.deepcopy(plain))
+            torch.testing.assert_close(fast(x), plain(x))
+    assert cpu_convolution.chosen_kernels() == {}
 
 
 def test_training_runs_the_default_path_and_gets_gradients():
@@ -56,19 +68,10 @@ def test_training_runs_the_default_path_and_gets_gradients():
     torch.testing.assert_close(x.grad, plain_x.grad)
 
 
-def test_the_global_flag_is_restored_after_an_error():
-    fast = use_fastest_kernels(_conv(4, 8, 3, 1, 1))
-    with torch.inference_mode():
-        fast(torch.randn(1, 4, 8, 8))
-        key, = cpu_convolution._choices
-        bad = torch.randn(1, 5, 8, 8)  # wrong channel count: every kernel raises
-        with pytest.raises(RuntimeError):
-            fast(bad)  # while timing the kernels
-        assert torch.backends.mkldnn.enabled
-        cpu_convolution._choices[(tuple(bad.shape),) + key[1:]] = False
-        with pytest.raises(RuntimeError):
-            fast(bad)  # inside the GEMM kernel, with oneDNN switched off
-    assert torch.backends.mkldnn.enabled
+def test_a_bad_input_raises_as_the_plain_convolution_does():
+    fast = use_fastest_kernels(_conv(4, 8, 3))
+    with torch.inference_mode(), pytest.raises(RuntimeError):
+        fast(torch.randn(1, 5, 8, 8))  # wrong channel count
 
 
 def test_a_controlnet_runs_the_same_on_the_fastest_kernels():
@@ -112,10 +115,18 @@ def test_batch_norms_fold_into_their_convolutions_with_the_same_output():
         torch.testing.assert_close(folded(x), expected, atol=1e-5, rtol=1e-5)
     kinds = [type(m).__name__ for m in folded.modules()]
     assert kinds.count("BatchNorm2d") == 1 and kinds.count("Identity") == 2
-    assert kinds.count("FastestKernelConv2d") == 2
+    assert kinds.count("FastestKernelConv2d") == 2  # the depthwise one too (it keeps oneDNN when it runs)
 
 
 def test_batch_norms_in_training_mode_are_left_alone():
     net = _conv_bn_net().train()
     fold_batchnorms(net)
     assert sum(isinstance(m, nn.BatchNorm2d) for m in net.modules()) == 3
+
+
+def test_half_precision_runs_on_either_kernel():
+    plain = _conv(16, 16, 3).to(torch.bfloat16)
+    fast = use_fastest_kernels(copy.deepcopy(plain))
+    x = torch.randn(1, 16, 6, 6, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), plain(x), atol=0.05, rtol=0.02)
