@@ -24,7 +24,7 @@ from torch import nn
 
 # The default kernel keeps its place unless the other is clearly faster: a near tie is timing noise.
 _MARGIN = 0.85
-# The GEMM kernel unfolds the input (im2col) into a buffer of in/groups * kh * kw values per output pixel. Past
+# The GEMM kernel unfolds the input (im2col) into a buffer of in_channels * kh * kw values per output pixel. Past
 # this size it is slow as well as large (gigabytes for a 7x7 layer on a 512 px image), so it is not even tried.
 _MAX_UNFOLD_BYTES = 32 * 2 ** 20
 _choices: dict[tuple, bool] = {}  # shape key -> use oneDNN
