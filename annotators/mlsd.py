@@ -32,10 +32,10 @@ def _segments(outputs, score_thr: float, dist_thr: float) -> np.ndarray:
     points, scores, displacement = aux_module("mlsd.utils").deccode_output_score_and_ptss(
         outputs, _TOP_K, _PEAK_WINDOW)
     y, x = points[:, 0], points[:, 1]
-    start, end = displacement[:, :, :2], displacement[:, :, 2:]
-    length = np.sqrt(np.sum((start - end) ** 2, axis=-1))[y, x]
+    d = displacement[y, x]  # only at the peaks, not over the whole map
+    length = np.sqrt(np.sum((d[:, :2] - d[:, 2:]) ** 2, axis=-1))
     keep = (scores > score_thr) & (length > dist_thr)
-    y, x, d = y[keep], x[keep], displacement[y[keep], x[keep]]
+    y, x, d = y[keep], x[keep], d[keep]
     # the network works at half resolution: endpoints are doubled
     return 2 * np.stack([x + d[:, 0], y + d[:, 1], x + d[:, 2], y + d[:, 3]], axis=1)
 

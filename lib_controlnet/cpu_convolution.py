@@ -16,7 +16,6 @@ weights, state-dict keys and `isinstance` checks stay as they were.
 """
 from __future__ import annotations
 
-import threading
 import time
 
 import torch
@@ -27,8 +26,7 @@ _MARGIN = 0.85
 # The GEMM kernel unfolds the input (im2col) into a buffer of in_channels * kh * kw values per output pixel. Past
 # this size it is slow as well as large (gigabytes for a 7x7 layer on a 512 px image), so it is not even tried.
 _MAX_UNFOLD_BYTES = 32 * 2 ** 20
-_choices: dict[tuple, bool] = {}  # shape key -> use oneDNN
-_lock = threading.Lock()
+_choices: dict[tuple, bool] = {}  # shape key -> use oneDNN (plain dict writes are atomic: no lock needed)
 
 
 def use_fastest_kernels(module: nn.Module) -> nn.Module:
@@ -41,7 +39,7 @@ def use_fastest_kernels(module: nn.Module) -> nn.Module:
 
 def _key(x: torch.Tensor, conv: nn.Conv2d) -> tuple:
     return (tuple(x.shape), x.dtype, x.is_contiguous(memory_format=torch.channels_last), tuple(conv.weight.shape),
-            conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode, torch.get_num_threads())
+            conv.stride, conv.padding, conv.dilation, torch.get_num_threads())
 
 
 def _unfold_bytes(x: torch.Tensor, conv: nn.Conv2d) -> int:
@@ -77,23 +75,26 @@ class FastestKernelConv2d(nn.Conv2d):
                 or (torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad))
                 or _unfold_bytes(input, self) > _MAX_UNFOLD_BYTES):
             return default()
-        gemm = lambda: _gemm_conv(input, weight, bias, self)  # noqa: E731
         key = _key(input, self)
         onednn = _choices.get(key)
         if onednn is None:
-            # one warm-up each (oneDNN builds its kernel on first use), then one timed call each
-            default()
-            try:
-                gemm()
-            except RuntimeError:  # a dtype the GEMM kernel lacks: the default is the only choice
-                _choices[key] = True
-                return default()
-            _, with_onednn = _timed(default)
-            out, with_gemm = _timed(gemm)
-            with _lock:
-                _choices[key] = not with_gemm < _MARGIN * with_onednn
-            return out
-        return default() if onednn else gemm()
+            return self._choose(key, input, weight, bias, default)
+        return default() if onednn else _gemm_conv(input, weight, bias, self)
+
+    def _choose(self, key, input, weight, bias, default):
+        """First call of a shape: time both kernels and remember the faster."""
+        gemm = lambda: _gemm_conv(input, weight, bias, self)  # noqa: E731
+        # one warm-up each (oneDNN builds its kernel on first use), then one timed call each
+        default()
+        try:
+            gemm()
+        except RuntimeError:  # a dtype the GEMM kernel lacks: the default is the only choice
+            _choices[key] = True
+            return default()
+        _, with_onednn = _timed(default)
+        out, with_gemm = _timed(gemm)
+        _choices[key] = not with_gemm < _MARGIN * with_onednn
+        return out
 
 
 def chosen_kernels() -> dict[tuple, str]:
@@ -102,5 +103,4 @@ def chosen_kernels() -> dict[tuple, str]:
 
 
 def forget_choices() -> None:
-    with _lock:
-        _choices.clear()
+    _choices.clear()
