@@ -58,17 +58,20 @@ def unload_all() -> None:
 
 def prepare(module, channels_last: bool = True):
     """eval, no grads, on the device; batch norms folded into their convolutions; NHWC memory where the
-    convolutions run faster with it; on the CPU, each convolution on the faster kernel for its shape."""
-    import torch
+    convolutions run faster with it.
 
-    from lib_controlnet.cpu_convolution import use_fastest_kernels
+    No per-shape CPU kernel choice here (lib_controlnet.cpu_convolution): it is timed, so float rounding could
+    differ between runs, and a map (a dataset's above all) should come out the same every time; the gain on
+    these networks was a few percent.
+    """
+    import torch
 
     module.eval().requires_grad_(False)
     fold_batchnorms(module)
     module.to(device())
     if channels_last:
         module.to(memory_format=torch.channels_last)
-    return use_fastest_kernels(module)
+    return module
 
 
 def fold_batchnorms(module) -> None:

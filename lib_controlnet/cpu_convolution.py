@@ -3,8 +3,8 @@
 PyTorch runs a float convolution on the CPU either through oneDNN (its default) or through its own
 im2col + GEMM kernel. Neither wins everywhere: oneDNN is faster on large images with few channels, but on the
 small, wide layers of a ControlNet's lower blocks (1280 channels at 8x8 or 4x4 latents) and on 1x1
-convolutions the GEMM kernel is up to several times faster on the CPUs measured here (see benchmarks/bench_hook.py
-and benchmarks/bench_preprocess.py). Which one wins depends on the CPU and the thread count, so nothing is
+convolutions the GEMM kernel is up to several times faster on the CPUs measured here (see
+benchmarks/bench_hook.py). Which one wins depends on the CPU and the thread count, so nothing is
 hard-coded: the first call of each shape times both and remembers the winner, the way cudnn.benchmark does on
 GPUs. Both kernels compute the same convolution; only the order of the float additions differs.
 
