@@ -4,7 +4,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from annotators.common import Params
+from annotators.common import Params, channel_max
 
 
 def color_grid(img: np.ndarray, p: Params, cell: int = 64) -> np.ndarray:
@@ -30,4 +30,4 @@ def recolor_luminance(img: np.ndarray, p: Params) -> np.ndarray:
 
 def recolor_intensity(img: np.ndarray, p: Params) -> np.ndarray:
     """HSV value (the brightest channel), gamma-corrected by the slider."""
-    return _gamma(img.max(axis=2), float(p.threshold_a))
+    return _gamma(channel_max(img), float(p.threshold_a))

@@ -28,6 +28,23 @@ def to_hwc3(x: np.ndarray) -> np.ndarray:
     return np.repeat(x[..., None], 3, axis=2)
 
 
+def channel_min(x: np.ndarray) -> np.ndarray:
+    """HxWxC -> HxW minimum over channels. Pairwise over whole planes: numpy's reduction along a last axis
+    of length 3 runs one tiny inner loop per pixel and is over ten times slower on a 512 px image."""
+    out = np.minimum(x[..., 0], x[..., 1]) if x.shape[2] > 1 else x[..., 0].copy()
+    for c in range(2, x.shape[2]):
+        np.minimum(out, x[..., c], out=out)
+    return out
+
+
+def channel_max(x: np.ndarray) -> np.ndarray:
+    """HxWxC -> HxW maximum over channels (pairwise, as channel_min)."""
+    out = np.maximum(x[..., 0], x[..., 1]) if x.shape[2] > 1 else x[..., 0].copy()
+    for c in range(2, x.shape[2]):
+        np.maximum(out, x[..., c], out=out)
+    return out
+
+
 def resize_short_side(img: np.ndarray, resolution: int) -> np.ndarray:
     """Scale so the short side equals `resolution`, keeping the aspect ratio (the WebUI extension's rule)."""
     h, w = img.shape[:2]
@@ -54,7 +71,8 @@ def intensity_lines(img: np.ndarray, sigma: float, floor: float) -> np.ndarray:
     neighbourhood, normalised by the median stroke strength (lineart_standard's definition)."""
     x = img.astype(np.float32)
     g = cv2.GaussianBlur(x, (0, 0), sigma)
-    intensity = np.min(g - x, axis=2).clip(0, 255)
+    intensity = channel_min(np.subtract(g, x, out=g))
+    np.clip(intensity, 0, 255, out=intensity)
     strokes = intensity[intensity > floor]
     median = float(np.median(strokes)) if strokes.size else 0.0
     intensity *= 127.0 / max(16.0, median)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from annotators.common import Params, intensity_lines
+from annotators.common import Params, channel_min, intensity_lines
 
 
 def canny(img: np.ndarray, p: Params) -> np.ndarray:
@@ -19,7 +19,7 @@ def invert(img: np.ndarray, p: Params) -> np.ndarray:
 
 def threshold(img: np.ndarray, p: Params) -> np.ndarray:
     """White where every channel is above the threshold, black elsewhere."""
-    return np.where(img.min(axis=2) > p.threshold_a, 255, 0).astype(np.uint8)
+    return np.where(channel_min(img) > p.threshold_a, 255, 0).astype(np.uint8)
 
 
 def blur_gaussian(img: np.ndarray, p: Params) -> np.ndarray:
@@ -32,7 +32,7 @@ def scribble_xdog(img: np.ndarray, p: Params) -> np.ndarray:
     x = img.astype(np.float32)
     fine = cv2.GaussianBlur(x, (0, 0), 0.5)
     coarse = cv2.GaussianBlur(x, (0, 0), 5.0)
-    darkening = np.min(coarse - fine, axis=2)
+    darkening = channel_min(np.subtract(coarse, fine, out=coarse))
     return np.where(2.0 * darkening > p.threshold_a, 255, 0).astype(np.uint8)
 
 

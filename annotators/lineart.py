@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 
 from annotators.common import Params
-from annotators.runtime import aux_module, batchable, load_once, prepare, to_batch, to_uint8
+from annotators.runtime import aux_module, batchable, inference, load_once, prepare, to_batch, to_uint8
 from annotators.weights import find_weight
 
 
@@ -23,12 +23,10 @@ def _lineart_networks():
 
 
 def _run_generator(images, coarse: bool):
-    import torch
-
     fine_net, coarse_net = load_once("lineart", _lineart_networks)
     net = coarse_net if coarse else fine_net
-    with torch.inference_mode():
-        line = net(to_batch(images, scale=1.0 / 255.0, channels_last=False))[:, 0]
+    with inference(low_precision=True):
+        line = net(to_batch(images, scale=1.0 / 255.0, channels_last=False))[:, 0].float()
         return [255 - m for m in to_uint8(line.mul_(255.0))]
 
 
@@ -52,15 +50,14 @@ def _anime_network():
 
 def _anime(images, p: Params):
     """The anime U-Net needs sides divisible by 256: the image is cubic-resized up to that and the lines back."""
-    import torch
-
     net = load_once("lineart_anime", _anime_network)
     h, w = images[0].shape[:2]
     hn, wn = 256 * int(np.ceil(h / 256.0)), 256 * int(np.ceil(w / 256.0))
     feed = [cv2.resize(img, (wn, hn), interpolation=cv2.INTER_CUBIC) if (hn, wn) != (h, w) else img
             for img in images]
-    with torch.inference_mode():
-        lines = net(to_batch(feed, scale=1.0 / 127.5, offset=-1.0, channels_last=False))[:, 0].mul_(127.5).add_(127.5)
+    with inference(low_precision=True):
+        lines = net(to_batch(feed, scale=1.0 / 127.5, offset=-1.0, channels_last=False))[:, 0].float()
+        lines = lines.mul_(127.5).add_(127.5)
         lines = lines.cpu().numpy()
     out = []
     for line in lines:

@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 
 from annotators.common import Params
-from annotators.runtime import aux_module, device, load_once, prepare
+from annotators.runtime import aux_module, device, inference, load_once, prepare
 from annotators.weights import find_weight
 
 _TOP_K, _PEAK_WINDOW = 200, 3  # as controlnet-aux's pred_lines decodes the network's centre map
@@ -42,11 +42,9 @@ def _segments(outputs, score_thr: float, dist_thr: float) -> np.ndarray:
 
 def mlsd(img: np.ndarray, p: Params) -> np.ndarray:
     """threshold_a: minimum line score, threshold_b: minimum segment length (pixels at half resolution)."""
-    import torch
-
     model = load_once("mlsd", _network)
-    with torch.inference_mode():
-        lines = _segments(model(_network_input(img)), p.threshold_a, p.threshold_b)
+    with inference(low_precision=True):
+        lines = _segments(model(_network_input(img)).float(), p.threshold_a, p.threshold_b)
     canvas = np.zeros(img.shape[:2], dtype=np.uint8)
     for x0, y0, x1, y1 in lines:
         cv2.line(canvas, (int(x0), int(y0)), (int(x1), int(y1)), 255, 1)

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 
 from annotators.common import Params
-from annotators.runtime import aux_module, batchable, load_once, prepare, to_batch, to_uint8
+from annotators.runtime import aux_module, batchable, inference, load_once, prepare, to_batch, to_uint8
 from annotators.weights import find_weight
 
 
@@ -60,10 +60,8 @@ def _hed_network():
 
 
 def _hed(images, safe: bool):
-    import torch
-
     net = load_once("hed", _hed_network)
-    with torch.inference_mode():
+    with inference(low_precision=True):
         x = to_batch(images)
         edge = _fuse_side_outputs(net(x), x.shape[-2:])
         if safe:
@@ -143,11 +141,9 @@ def _pidinet_network():
 
 
 def _pidinet(images, safe: bool):
-    import torch
-
     net = load_once("pidinet", _pidinet_network)
-    with torch.inference_mode():
-        edge = net(to_batch(images, scale=1.0 / 255.0, bgr=True))[-1][:, 0]
+    with inference(low_precision=True):
+        edge = net(to_batch(images, scale=1.0 / 255.0, bgr=True))[-1][:, 0].float()
         if safe:
             edge = _safe_step(edge, 2)
         return to_uint8(edge.mul_(255.0))
@@ -180,11 +176,9 @@ def _teed_network():
 
 
 def _teed(images, p: Params):
-    import torch
-
     net = load_once("teed", _teed_network)
     steps = int(round(p.threshold_a))
-    with torch.inference_mode():
+    with inference():  # bfloat16 measured no faster on this small network
         x = to_batch(images)
         edge = _fuse_side_outputs(net(x), x.shape[-2:])
         if steps:

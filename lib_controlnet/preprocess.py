@@ -358,7 +358,7 @@ def run(name: str, image: Any, resolution: Optional[int] = None, threshold_a: Op
     key = None
     if use_cache:
         key = (pre.name, _digest(img), params.resolution, params.threshold_a, params.threshold_b,
-               _digest(mask_array), params.seed)
+               _digest(mask_array), params.seed, get_settings().annotator_precision)
         hit = _cache.get(key)
         if hit is not None:
             return hit.copy()

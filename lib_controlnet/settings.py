@@ -12,6 +12,9 @@ EXTENSION_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS_DIR = EXTENSION_ROOT / "models"
 DEFAULT_ANNOTATOR_DIR = DEFAULT_MODELS_DIR / "annotators"
 SHIPPED_CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+# How the edge and line-art annotator networks compute: "auto" is bfloat16 where the CPU has bfloat16 matrix
+# units (AMX) and float32 elsewhere; "float32" gives maps equal to controlnet-aux's.
+ANNOTATOR_PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 @dataclasses.dataclass
@@ -25,6 +28,7 @@ class Settings:
     detected_maps_dir: Path = EXTENSION_ROOT / "detected_maps"
     allow_annotator_downloads: bool = False
     allow_private_urls: bool = False
+    annotator_precision: str = "auto"
 
 
 _current = Settings()
@@ -38,6 +42,9 @@ def update_settings(**changes) -> Settings:
     unknown = set(changes) - {f.name for f in dataclasses.fields(Settings)}
     if unknown:
         raise KeyError(f"unknown settings: {sorted(unknown)}")
+    precision = changes.get("annotator_precision", ANNOTATOR_PRECISIONS[0])
+    if precision not in ANNOTATOR_PRECISIONS:
+        raise ValueError(f"annotator_precision must be one of {', '.join(ANNOTATOR_PRECISIONS)}, got {precision!r}")
     for name, value in changes.items():
         setattr(_current, name, value)
     return _current

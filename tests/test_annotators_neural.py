@@ -32,12 +32,14 @@ def weights_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("annotators")
     random_weights.write(directory, LIGHT)
     random_weights.write_segmentation(directory)
-    saved = get_settings().annotator_models_path, get_settings().allow_annotator_downloads
-    update_settings(annotator_models_path=directory, allow_annotator_downloads=False)
+    saved = (get_settings().annotator_models_path, get_settings().allow_annotator_downloads,
+             get_settings().annotator_precision)
+    # float32: the precision whose maps equal controlnet-aux's (bfloat16 has tests of its own below)
+    update_settings(annotator_models_path=directory, allow_annotator_downloads=False, annotator_precision="float32")
     runtime.unload_all()
     preprocess.clear_cache()
     yield directory
-    update_settings(annotator_models_path=saved[0], allow_annotator_downloads=saved[1])
+    update_settings(annotator_models_path=saved[0], allow_annotator_downloads=saved[1], annotator_precision=saved[2])
     runtime.unload_all()
     preprocess.clear_cache()
 
@@ -115,6 +117,78 @@ def test_mlsd_equals_controlnet_aux(weights_dir):
         ours = preprocess.run("mlsd", IMAGE, resolution=128, threshold_a=thr_v, threshold_b=thr_d,
                               use_cache=False)
         _same(ours, theirs)
+
+
+@pytest.fixture
+def bfloat16(weights_dir):
+    update_settings(annotator_precision="bfloat16")
+    yield
+    update_settings(annotator_precision="float32")
+
+
+def _conv_output_dtypes(net):
+    import torch
+
+    seen = set()
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.add(o.dtype)) for m in net.modules()
+             if isinstance(m, torch.nn.Conv2d)]
+    return seen, hooks
+
+
+@pytest.mark.parametrize("name, network, max_level, mean_level", [
+    ("lineart_realistic", "lineart", 8, 1.0), ("lineart_anime", "lineart_anime", 32, 2.0),
+    ("softedge_hed", "hed", 4, 0.5), ("softedge_pidinet", "pidinet", 4, 0.5)])
+def test_bfloat16_runs_the_network_in_bfloat16_and_keeps_the_map_close(weights_dir, bfloat16, name, network,
+                                                                        max_level, mean_level):
+    update_settings(annotator_precision="float32")
+    exact = preprocess.run(name, IMAGE, resolution=128, use_cache=False)
+    update_settings(annotator_precision="bfloat16")
+    loaded = runtime.load_once(network, lambda: None)
+    net = loaded[0] if isinstance(loaded, tuple) else loaded
+    dtypes, hooks = _conv_output_dtypes(net)
+    try:
+        fast = preprocess.run(name, IMAGE, resolution=128, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    import torch
+
+    assert dtypes == {torch.bfloat16}
+    assert fast.shape == exact.shape and fast.dtype == np.uint8
+    diff = np.abs(fast.astype(int) - exact)
+    assert diff.max() <= max_level and diff.mean() <= mean_level, (diff.max(), diff.mean())
+
+
+def test_bfloat16_mlsd_still_draws_lines_at_the_same_size(weights_dir, bfloat16):
+    ours = preprocess.run("mlsd", WIDE, resolution=96, threshold_a=0.01, threshold_b=0.01, use_cache=False)
+    assert ours.shape == (96, 144, 3) and set(np.unique(ours)) <= {0, 255}
+
+
+def test_auto_precision_is_bfloat16_only_on_cpus_with_bfloat16_matrix_units(weights_dir, monkeypatch):
+    import torch
+
+    for choice, amx, expected in [("auto", True, torch.bfloat16), ("auto", False, None),
+                                  ("float32", True, None), ("bfloat16", False, torch.bfloat16)]:
+        monkeypatch.setattr(runtime, "bfloat16_matrix_units", lambda amx=amx: amx)
+        update_settings(annotator_precision=choice)
+        assert runtime.low_precision_dtype() == expected, (choice, amx)
+        with runtime.inference():  # depth, normals, poses, segmentation: float32 whatever the setting
+            assert not torch.is_autocast_enabled("cpu")
+        with runtime.inference(low_precision=True):
+            assert torch.is_autocast_enabled("cpu") == (expected is not None)
+    update_settings(annotator_precision="float32")
+    with pytest.raises(ValueError, match="annotator_precision must be one of auto, float32, bfloat16"):
+        update_settings(annotator_precision="half")
+    assert get_settings().annotator_precision == "float32"
+
+
+def test_cached_maps_are_kept_apart_by_precision(weights_dir, bfloat16):
+    preprocess.clear_cache()
+    fast = preprocess.run("lineart_realistic", IMAGE, resolution=128)
+    update_settings(annotator_precision="float32")
+    exact = preprocess.run("lineart_realistic", IMAGE, resolution=128)
+    assert not np.array_equal(fast, exact)
+    assert np.array_equal(exact, preprocess.run("lineart_realistic", IMAGE, resolution=128, use_cache=False))
 
 
 def test_non_square_images_keep_their_aspect(weights_dir):

@@ -162,10 +162,15 @@ def test_settings_section_and_mirror(webui):
     keys = [k for k, info in shared.opts.data_labels.items() if info.section == ("control_net", "ControlNet")]
     assert {"control_net_model_dirs", "control_net_annotator_dir", "control_net_unit_count",
             "control_net_model_cache_size", "control_net_preprocessor_cache_size", "control_net_save_detected_maps",
-            "control_net_detected_maps_dir", "control_net_allow_annotator_downloads"} <= set(keys)
+            "control_net_detected_maps_dir", "control_net_allow_annotator_downloads",
+            "control_net_annotator_precision"} <= set(keys)
     assert shared.opts.data_labels["control_net_unit_count"].default == 3
     shared.opts.set("control_net_model_cache_size", 4)  # onchange mirrors at once
     assert get_settings().model_cache_size == 4
+    shared.opts.set("control_net_annotator_precision", "float32")
+    assert get_settings().annotator_precision == "float32"
+    shared.opts.data["control_net_annotator_precision"] = "half"  # a hand-edited config.json
+    assert settings.sync().annotator_precision == "auto"
     shared.cmd_opts.controlnet_dir = str(webui["root"] / "extra")
     settings.sync()
     assert Path(webui["root"] / "extra") in get_settings().model_dirs

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from lib_controlnet.errors import UserError
+from lib_controlnet.settings import ANNOTATOR_PRECISIONS
 
 
 def _list() -> int:
@@ -30,6 +31,7 @@ def _detect(args) -> int:
         raise UserError("detect needs an input image and an output file (or --list).")
     if args.annotator_dir:
         update_settings(annotator_models_path=Path(args.annotator_dir))
+    update_settings(annotator_precision=args.precision)
     source = Path(args.input)
     if not source.is_file():
         raise UserError(f"No such input image: {source}.")
@@ -62,6 +64,9 @@ def register(subparsers) -> None:
     parser.add_argument("--mask", default=None, help="mask image for the inpaint preprocessors")
     parser.add_argument("--pose-json", default=None, help="openpose*: also write the keypoints (OpenPose JSON)")
     parser.add_argument("--annotator-dir", default=None, help="folder holding annotator weight files")
+    parser.add_argument("--precision", choices=ANNOTATOR_PRECISIONS, default="auto",
+                        help="edge and line-art networks: auto (bfloat16 on CPUs with AMX), float32 (exactly "
+                             "controlnet-aux's maps) or bfloat16")
     parser.add_argument("input", nargs="?", help="input image file")
     parser.add_argument("output", nargs="?", help="output map file (.png)")
     parser.set_defaults(func=lambda args: _list() if args.list else _detect(args))

@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from lib_controlnet.errors import UserError
+from lib_controlnet.settings import ANNOTATOR_PRECISIONS
 
 
 def register(subparsers) -> None:
@@ -17,6 +18,8 @@ def register(subparsers) -> None:
                         help="extra folder to scan for ControlNet models (repeatable)")
     parser.add_argument("--annotator-dir", type=Path, default=None, help="folder holding preprocessor weights")
     parser.add_argument("--unit-count", type=int, default=None, help="number of ControlNet units in the panel")
+    parser.add_argument("--annotator-precision", choices=ANNOTATOR_PRECISIONS, default="auto",
+                        help="edge and line-art preprocessors: auto (bfloat16 on CPUs with AMX), float32 or bfloat16")
     parser.set_defaults(func=run)
 
 
@@ -39,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from lib_controlnet.app import AppOptions, create_app
     from lib_controlnet.settings import get_settings, update_settings
 
-    changes = {}
+    changes = {"annotator_precision": args.annotator_precision}
     if args.models_dir:
         changes["model_dirs"] = list(get_settings().model_dirs) + [p.resolve() for p in args.models_dir]
     if args.annotator_dir:

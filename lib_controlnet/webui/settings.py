@@ -31,6 +31,11 @@ def _option_specs(gr) -> dict:
                                           None, None),
         "control_net_allow_annotator_downloads": (defaults.allow_annotator_downloads,
                                                   "Allow preprocessors to download missing weights", None, None),
+        "control_net_annotator_precision": (defaults.annotator_precision,
+                                            "Edge and line-art preprocessor precision (auto: bfloat16 on CPUs with "
+                                            "AMX, several times faster, maps within a level or two; float32: "
+                                            "exactly controlnet-aux's maps)", gr.Radio,
+                                            {"choices": list(cnet_settings.ANNOTATOR_PRECISIONS)}),
     }
 
 
@@ -79,4 +84,11 @@ def sync() -> cnet_settings.Settings:
         detected_maps_dir=Path(maps_dir) if maps_dir else defaults.detected_maps_dir,
         allow_annotator_downloads=bool(_opt(opts, "control_net_allow_annotator_downloads",
                                             defaults.allow_annotator_downloads)),
+        annotator_precision=_precision(_opt(opts, "control_net_annotator_precision", defaults.annotator_precision)),
     )
+
+
+def _precision(value) -> str:
+    """A hand-edited config.json may hold anything; an unknown value falls back to the default."""
+    value = str(value)
+    return value if value in cnet_settings.ANNOTATOR_PRECISIONS else cnet_settings.Settings().annotator_precision
