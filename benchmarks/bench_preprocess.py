@@ -3,6 +3,8 @@
 Each side runs in its own process (so peak memory is its own), twice in alternation unless --quick; the best
 time per map counts, which damps the noise of a shared machine. Prints seconds per map and the ratio
 (controlnet-aux time / ours: above 1 means we are faster). Targets: >= 1.0x model-free, >= 1.3x neural.
+Neural maps run twice on our side: at the default annotator precision ("auto": bfloat16 on CPUs with AMX) and
+in float32, whose maps equal controlnet-aux's.
 
     python benchmarks/bench_preprocess.py            # full: 4 photos, 2 rounds, 6 networks
     python benchmarks/bench_preprocess.py --quick    # 2 photos, 1 round, 3 networks (well under 3 minutes)
@@ -32,6 +34,7 @@ NEURAL = {"softedge_hed": ("hed", "HEDdetector", {}),
           "lineart_anime": ("lineart_anime", "LineartAnimeDetector", {}),
           "mlsd": ("mlsd", "MLSDdetector", {})}
 QUICK_NEURAL = ["softedge_hed", "softedge_pidinet", "lineart_realistic"]
+SIDES = ("ours", "aux", "ours-float32", "ours-batch")
 
 
 def _photos(count: int, size: int):
@@ -60,27 +63,40 @@ def _time(fn, images, reps: int) -> float:
     return best
 
 
+def _time_batch(run_all, count: int, reps: int) -> float:
+    run_all()  # warm-up: each image size once, as _time warms up
+    best = float("inf")
+    for _ in range(reps):
+        started = time.perf_counter()
+        run_all()
+        best = min(best, (time.perf_counter() - started) / count)
+    return best
+
+
 def child(args) -> None:
     import lib_controlnet  # noqa: F401  (torchvision repair first, on both sides)
     from lib_controlnet.settings import update_settings
 
-    update_settings(annotator_models_path=Path(args.weights))
+    update_settings(annotator_models_path=Path(args.weights),
+                    annotator_precision="float32" if args.side == "ours-float32" else "auto")
     images = _photos(args.images, args.size)
     names = args.names.split(",")
     result = {}
-    if args.side in ("ours", "ours-batch"):
+    if args.side.startswith("ours"):
         from annotators import runtime
         from lib_controlnet import preprocess
 
+        result["precision"] = "bfloat16" if runtime.low_precision_dtype() is not None else "float32"
         for name in names:
-            if args.side == "ours":
+            if args.side == "ours-float32" and name not in NEURAL:
+                continue
+            if args.side in ("ours", "ours-float32"):
                 result[name] = _time(lambda im, n=name: preprocess.run(n, im, resolution=args.size,
                                                                        use_cache=False), images, args.reps)
             elif name in NEURAL:
-                preprocess.run_batch(name, images[:1], resolution=args.size)  # warm-up, as _time does
-                started = time.perf_counter()
-                preprocess.run_batch(name, images, resolution=args.size, batch_size=len(images))
-                result[name + " (batch)"] = (time.perf_counter() - started) / len(images)
+                result[name + " (batch)"] = _time_batch(
+                    lambda n=name: preprocess.run_batch(n, images, resolution=args.size, batch_size=len(images)),
+                    len(images), args.reps)
             # The WebUI keeps the networks a user picks; here each is dropped after its turn, as the peer's
             # detector is, so peak memory compares one network against one network.
             runtime.unload_all()
@@ -124,7 +140,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=None)
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--child", choices=["ours", "ours-batch", "aux"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
     parser.add_argument("--names", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -146,15 +162,16 @@ def main() -> None:
         files = ["ControlNetHED.pth", "table5_pidinet.pth", "sk_model.pth", "sk_model2.pth", "7_model.pth",
                  "netG.pth", "mlsd_large_512_fp32.pth"]
         random_weights.write(weights, files)
-        best: dict[str, dict] = {"ours": {}, "aux": {}, "ours-batch": {}}
+        best: dict[str, dict] = {side: {} for side in SIDES}
         for _ in range(rounds):
-            for side in ("ours", "aux", "ours-batch"):
+            for side in SIDES:
                 for key, value in _run_side(side, weights, names, args).items():
                     previous = best[side].get(key)
-                    best[side][key] = value if previous is None else min(previous, value)
+                    best[side][key] = value if previous is None or isinstance(value, str) else min(previous, value)
 
     print(f"\npreprocessors at {args.size} px, {args.images} photos, best of {rounds} round(s) x {args.reps} rep(s), "
-          f"torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
+          f"torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}, default precision here: "
+          f"{best['ours']['precision']}")
     print(f"{'map':<22}{'ours s/map':>12}{'aux s/map':>12}{'ratio':>8}   target")
     groups = {"model-free": list(MODEL_FREE), "neural": neural}
     for group, members in groups.items():
@@ -164,6 +181,9 @@ def main() -> None:
             ratios.append(aux / ours)
             target = 1.0 if group == "model-free" else 1.3
             print(f"{name:<22}{ours:>12.4f}{aux:>12.4f}{aux / ours:>7.2f}x   >= {target}x")
+            if name in best["ours-float32"] and best["ours"]["precision"] != "float32":
+                exact = best["ours-float32"][name]
+                print(f"{'  float32':<22}{exact:>12.4f}{aux:>12.4f}{aux / exact:>7.2f}x")
             if name + " (batch)" in best["ours-batch"]:
                 batch = best["ours-batch"][name + " (batch)"]
                 print(f"{'  run_batch':<22}{batch:>12.4f}{aux:>12.4f}{aux / batch:>7.2f}x")
