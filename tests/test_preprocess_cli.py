@@ -75,3 +75,28 @@ def test_detect_list_from_a_real_process():
     canny = next(line for line in lines if line.startswith("canny"))
     assert "Canny Low Threshold 1..255 (default 100)" in canny and "model-free" in canny
     assert any(line.startswith("depth_midas (= depth)") and "needs weights" in line for line in lines)
+
+
+def test_detect_precision_flag(photo, tmp_path):
+    """--precision is applied: the bfloat16 map differs from the float32 one, by a few grey levels at most."""
+    from annotators import random_weights, runtime
+    from lib_controlnet.settings import get_settings, update_settings
+
+    random_weights.write(tmp_path, ["sk_model.pth", "sk_model2.pth"])
+    saved = get_settings().annotator_models_path, get_settings().annotator_precision
+    maps = {}
+    try:
+        runtime.unload_all()
+        for precision in ("float32", "bfloat16"):
+            out = tmp_path / f"{precision}.png"
+            assert main(["detect", "--module", "lineart_realistic", "--res", "128", "--precision", precision,
+                         "--annotator-dir", str(tmp_path), str(photo), str(out)]) == 0
+            assert get_settings().annotator_precision == precision
+            maps[precision] = cv2.imread(str(out)).astype(int)
+    finally:
+        update_settings(annotator_models_path=saved[0], annotator_precision=saved[1])
+        runtime.unload_all()
+    diff = np.abs(maps["float32"] - maps["bfloat16"])
+    assert maps["float32"].shape == (128, 192, 3) and 0 < diff.max() <= 8
+    with pytest.raises(SystemExit):
+        main(["detect", "--module", "canny", "--precision", "half", str(photo), str(tmp_path / "x.png")])
