@@ -6,14 +6,14 @@ import numpy as np
 
 from annotators.common import Params
 from annotators.depth import midas_depth
-from annotators.runtime import aux_module, batchable, load_once, prepare, to_batch, to_uint8
+from annotators.runtime import aux_module, batchable, inference, load_once, prepare, to_batch, to_uint8
 from annotators.weights import find_weight
 
 
 def _midas_normal(images, p: Params):
     """Sobel gradients of MiDaS depth as x/y, a constant 2*pi as z, normalised; pixels whose relative depth
     is below the background threshold face the camera (flat)."""
-    depth = midas_depth(images).cpu().numpy()
+    depth = midas_depth(images).cpu().numpy()  # float32: Sobel gradients would turn bfloat16 steps into noise
     out = []
     for d in depth:
         relative = (d - d.min()) / (d - d.min()).max()
@@ -45,11 +45,11 @@ def _bae(images, p: Params):
     import torch
 
     net = load_once("normal_bae", _bae_network)
-    with torch.inference_mode():
+    with inference(low_precision=True):
         x = to_batch(images, scale=1.0 / 255.0, channels_last=False)
         mean = torch.tensor(_MEAN, device=x.device)[None, :, None, None]
         std = torch.tensor(_STD, device=x.device)[None, :, None, None]
-        normal = net((x - mean) / std)[0][-1][:, :3]
+        normal = net((x - mean) / std)[0][-1][:, :3].float()
         normal = ((normal + 1) * 0.5).clamp_(0, 1).mul_(255.0)
         return [m for m in to_uint8(normal.permute(0, 2, 3, 1))]
 

@@ -58,7 +58,7 @@ def bfloat16_matrix_units() -> bool:
 
 
 def low_precision_dtype():
-    """torch.bfloat16 when the annotator_precision setting asks the edge and line networks for it, else None."""
+    """torch.bfloat16 when the annotator_precision setting allows it for the networks that ask, else None."""
     import torch
 
     choice = get_settings().annotator_precision
@@ -73,10 +73,12 @@ def low_precision_dtype():
 def inference(low_precision: bool = False):
     """Inference mode; with low_precision, also bfloat16 autocast where the setting allows it.
 
-    Only the edge and line networks ask for low_precision (measured at 512 px on random weights: line art
-    moves by at most 4 grey levels, anime line art by 14 at most and 1 on average; in thresholded maps
-    pixels right at the threshold flip). Depth, normals (derivatives of depth), poses and segmentation
-    (peaks and argmaxes) stay in float32. Callers turn the outputs back to float32 before scaling to 0..255.
+    Asked for by HED, PiDiNet, line art, M-LSD, MiDaS depth and NormalBAE (LeReS goes through
+    low_precision.LowPrecisionForward). Measured at 512 px on random weights: line art, depth and normals move
+    by at most 4 grey levels, anime line art by 14 at most and 1 on average; in thresholded maps the pixels
+    right at the threshold flip. Float32 always: MiDaS normals (Sobel derivatives of depth), OpenPose and
+    segmentation (peaks and argmaxes), Zoe (its percentile stretch magnifies rounding) and TEED (no faster).
+    Callers turn the outputs back to float32 before scaling them to 0..255.
     """
     import torch
 
@@ -112,8 +114,11 @@ def prepare(module, channels_last: bool = True):
     """
     import torch
 
+    from annotators import pointwise  # imports torch: only once a network is prepared
+
     module.eval().requires_grad_(False)
     fold_batchnorms(module)
+    pointwise.conv1d_as_matmul(module)
     module.to(device())
     if channels_last:
         module.to(memory_format=torch.channels_last)

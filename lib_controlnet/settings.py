@@ -12,8 +12,8 @@ EXTENSION_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS_DIR = EXTENSION_ROOT / "models"
 DEFAULT_ANNOTATOR_DIR = DEFAULT_MODELS_DIR / "annotators"
 SHIPPED_CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
-# How the edge and line-art annotator networks compute: "auto" is bfloat16 where the CPU has bfloat16 matrix
-# units (AMX) and float32 elsewhere; "float32" gives maps equal to controlnet-aux's.
+# How the preprocessor networks that tolerate it compute (annotators.runtime.inference): "auto" is bfloat16
+# where the CPU has bfloat16 matrix units (AMX) and float32 elsewhere; "float32" gives controlnet-aux's maps.
 ANNOTATOR_PRECISIONS = ("auto", "float32", "bfloat16")
 
 

@@ -26,11 +26,12 @@ IMAGE = cv2.resize(skimage.data.astronaut(), (192, 192), interpolation=cv2.INTER
 @pytest.fixture(scope="module")
 def weights_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("heavy_annotators")
-    saved = get_settings().annotator_models_path
-    update_settings(annotator_models_path=directory)
+    saved = get_settings().annotator_models_path, get_settings().annotator_precision
+    # float32: the precision whose maps equal controlnet-aux's
+    update_settings(annotator_models_path=directory, annotator_precision="float32")
     runtime.unload_all()
     yield directory
-    update_settings(annotator_models_path=saved)
+    update_settings(annotator_models_path=saved[0], annotator_precision=saved[1])
     runtime.unload_all()
     preprocess.clear_cache()
 
@@ -41,6 +42,17 @@ def _same(ours, theirs, off_by_one: float = 1e-3):
     assert diff.max() <= 1 and (diff > 0).mean() < off_by_one, (diff.max(), (diff > 0).mean())
 
 
+def _close_in_bfloat16(name, exact, **params):
+    """With annotator_precision=bfloat16 the map changes (the network really ran in bfloat16), by a few levels."""
+    update_settings(annotator_precision="bfloat16")
+    try:
+        fast = preprocess.run(name, IMAGE, resolution=192, use_cache=False, **params)
+    finally:
+        update_settings(annotator_precision="float32")
+    diff = np.abs(fast.astype(int) - exact)
+    assert 0 < diff.max() <= 8 and diff.mean() < 1.0, (diff.max(), diff.mean())
+
+
 def test_midas_depth_and_normal_equal_controlnet_aux(weights_dir):
     random_weights.write(weights_dir, ["dpt_hybrid-midas-501f0c75.pt"])
     detector = aux_module("midas").MidasDetector.from_pretrained(str(weights_dir))
@@ -48,6 +60,12 @@ def test_midas_depth_and_normal_equal_controlnet_aux(weights_dir):
                              image_resolution=192, output_type="np")
     _same(preprocess.run("depth_midas", IMAGE, resolution=192, use_cache=False), depth)
     _same(preprocess.run("normal_midas", IMAGE, resolution=192, threshold_a=0.4, use_cache=False), normal)
+    _close_in_bfloat16("depth_midas", depth)
+    update_settings(annotator_precision="bfloat16")
+    try:  # the normal map's Sobel gradients are taken of float32 depth whatever the setting
+        _same(preprocess.run("normal_midas", IMAGE, resolution=192, threshold_a=0.4, use_cache=False), normal)
+    finally:
+        update_settings(annotator_precision="float32")
 
 
 def test_normal_bae_equals_controlnet_aux(weights_dir):
@@ -55,6 +73,11 @@ def test_normal_bae_equals_controlnet_aux(weights_dir):
     detector = aux_module("normalbae").NormalBaeDetector.from_pretrained(str(weights_dir))
     theirs = detector(IMAGE, detect_resolution=192, image_resolution=192, output_type="np")
     _same(preprocess.run("normal_bae", IMAGE, resolution=192, use_cache=False), theirs)
+    from annotators.pointwise import PointwiseConv1d
+
+    net = runtime.load_once("normal_bae", lambda: None)
+    assert any(type(m) is PointwiseConv1d for m in net.modules())  # the decoder's MLP ran as matrix products
+    _close_in_bfloat16("normal_bae", theirs)
 
 
 def test_leres_equals_controlnet_aux(weights_dir):
@@ -64,6 +87,8 @@ def test_leres_equals_controlnet_aux(weights_dir):
     theirs = detector(IMAGE, thr_a=10, thr_b=20, detect_resolution=192, image_resolution=192, output_type="np")
     _same(preprocess.run("depth_leres", IMAGE, resolution=192, threshold_a=10, threshold_b=20,
                          use_cache=False), theirs)
+    # without the near/background cut-offs, which send the pixels right at a cut-off to black
+    _close_in_bfloat16("depth_leres", preprocess.run("depth_leres", IMAGE, resolution=192, use_cache=False))
     assert preprocess.run("depth_leres++", IMAGE, resolution=192, use_cache=False).shape == (192, 192, 3)
 
 

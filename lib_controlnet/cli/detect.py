@@ -65,7 +65,7 @@ def register(subparsers) -> None:
     parser.add_argument("--pose-json", default=None, help="openpose*: also write the keypoints (OpenPose JSON)")
     parser.add_argument("--annotator-dir", default=None, help="folder holding annotator weight files")
     parser.add_argument("--precision", choices=ANNOTATOR_PRECISIONS, default="auto",
-                        help="edge and line-art networks: auto (bfloat16 on CPUs with AMX), float32 (exactly "
+                        help="preprocessor networks: auto (bfloat16 on CPUs with AMX), float32 (exactly "
                              "controlnet-aux's maps) or bfloat16")
     parser.add_argument("input", nargs="?", help="input image file")
     parser.add_argument("output", nargs="?", help="output map file (.png)")

@@ -32,9 +32,9 @@ def _option_specs(gr) -> dict:
         "control_net_allow_annotator_downloads": (defaults.allow_annotator_downloads,
                                                   "Allow preprocessors to download missing weights", None, None),
         "control_net_annotator_precision": (defaults.annotator_precision,
-                                            "Edge and line-art preprocessor precision (auto: bfloat16 on CPUs with "
-                                            "AMX, several times faster, maps within a level or two; float32: "
-                                            "exactly controlnet-aux's maps)", gr.Radio,
+                                            "Preprocessor network precision (auto: bfloat16 on CPUs with AMX, "
+                                            "up to several times faster, maps within a few grey levels; "
+                                            "float32: exactly controlnet-aux's maps)", gr.Radio,
                                             {"choices": list(cnet_settings.ANNOTATOR_PRECISIONS)}),
     }
 
