@@ -8,6 +8,7 @@ in float32, whose maps equal controlnet-aux's.
 
     python benchmarks/bench_preprocess.py            # full: 4 photos, 2 rounds, 6 networks
     python benchmarks/bench_preprocess.py --quick    # 2 photos, 1 round, 3 networks (well under 3 minutes)
+    python benchmarks/bench_preprocess.py --heavy --images 2 --reps 1 --rounds 1   # + the large networks
 """
 from __future__ import annotations
 
@@ -34,6 +35,15 @@ NEURAL = {"softedge_hed": ("hed", "HEDdetector", {}),
           "lineart_anime": ("lineart_anime", "LineartAnimeDetector", {}),
           "mlsd": ("mlsd", "MLSDdetector", {})}
 QUICK_NEURAL = ["softedge_hed", "softedge_pidinet", "lineart_realistic"]
+# --heavy: the large networks (minutes per round; Zoe alone takes about 18 s a map on two cores)
+HEAVY = {"depth_midas": ("midas", "MidasDetector", {}),
+         "normal_bae": ("normalbae", "NormalBaeDetector", {}),
+         "depth_leres": ("leres", "LeresDetector", {}),
+         "openpose": ("open_pose", "OpenposeDetector", {}),
+         "depth_zoe": ("zoe", "ZoeDetector", {})}
+HEAVY_FILES = ["dpt_hybrid-midas-501f0c75.pt", "scannet.pt", "res101.pth", "latest_net_G.pth",
+               "body_pose_model.pth", "hand_pose_model.pth", "facenet.pth", "ZoeD_M12_N.pt"]
+NEURAL_ALL = {**NEURAL, **HEAVY}
 SIDES = ("ours", "aux", "ours-float32", "ours-batch")
 
 
@@ -88,12 +98,12 @@ def child(args) -> None:
 
         result["precision"] = "bfloat16" if runtime.low_precision_dtype() is not None else "float32"
         for name in names:
-            if args.side == "ours-float32" and name not in NEURAL:
+            if args.side == "ours-float32" and name not in NEURAL_ALL:
                 continue
             if args.side in ("ours", "ours-float32"):
                 result[name] = _time(lambda im, n=name: preprocess.run(n, im, resolution=args.size,
                                                                        use_cache=False), images, args.reps)
-            elif name in NEURAL:
+            elif name in NEURAL_ALL:
                 result[name + " (batch)"] = _time_batch(
                     lambda n=name: preprocess.run_batch(n, images, resolution=args.size, batch_size=len(images)),
                     len(images), args.reps)
@@ -104,9 +114,11 @@ def child(args) -> None:
         import controlnet_aux  # the peer as its users import it
 
         for name in names:
-            module, cls, kw = {**MODEL_FREE, **NEURAL}[name]
+            module, cls, kw = {**MODEL_FREE, **NEURAL_ALL}[name]
             detector_class = getattr(controlnet_aux, cls)
-            detector = detector_class.from_pretrained(args.weights, **kw) if name in NEURAL else detector_class()
+            detector = detector_class.from_pretrained(args.weights, **kw) if name in NEURAL_ALL else detector_class()
+            if name == "depth_leres":
+                detector.model.eval()  # controlnet-aux leaves it in training mode: compare the same computation
             if name == "lineart_standard":
                 def call(im, d=detector):
                     return d(im, detect_resolution=args.size, output_type="np")
@@ -136,6 +148,7 @@ def _run_side(side: str, weights: Path, names, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--heavy", action="store_true", help="also MiDaS, NormalBAE, LeReS, OpenPose and Zoe")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--images", type=int, default=None)
     parser.add_argument("--reps", type=int, default=None)
@@ -151,7 +164,7 @@ def main() -> None:
         child(args)
         return
     rounds = args.rounds or (1 if args.quick else 2)
-    neural = QUICK_NEURAL if args.quick else list(NEURAL)
+    neural = (QUICK_NEURAL if args.quick else list(NEURAL)) + (list(HEAVY) if args.heavy else [])
     names = list(MODEL_FREE) + neural
 
     import lib_controlnet  # noqa: F401
@@ -161,7 +174,7 @@ def main() -> None:
         weights = Path(tmp)
         files = ["ControlNetHED.pth", "table5_pidinet.pth", "sk_model.pth", "sk_model2.pth", "7_model.pth",
                  "netG.pth", "mlsd_large_512_fp32.pth"]
-        random_weights.write(weights, files)
+        random_weights.write(weights, files + (HEAVY_FILES if args.heavy else []))
         best: dict[str, dict] = {side: {} for side in SIDES}
         for _ in range(rounds):
             for side in SIDES:
