@@ -100,8 +100,6 @@ def _zoe_network():
 
 def _zoe(images, p: Params):
     """Metric depth, mapped per image so the 2nd percentile is white and the 85th black (controlnet-aux's rule)."""
-    import torch
-
     net = load_once("zoe", _zoe_network)
     with inference():  # bfloat16: barely faster here, and the percentile stretch magnifies its rounding
         depth = net.infer(to_batch(images, scale=1.0 / 255.0, channels_last=False))[:, 0].cpu().numpy()

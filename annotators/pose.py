@@ -21,6 +21,9 @@ def _detector():
         str(body.parent), filename=body.name, hand_filename=str(hand), face_filename=str(face))
     for part in (detector.body_estimation, detector.hand_estimation, detector.face_estimation):
         prepare(part.model, channels_last=False)
+    from annotators.openpose_body import FastBody
+
+    detector.body_estimation = FastBody(detector.body_estimation)
     return detector
 
 

@@ -6,6 +6,7 @@ imports only the detector module asked for, keeping `import controlnet_aux` itse
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 import sys
@@ -46,6 +47,7 @@ def device():
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+@functools.lru_cache(maxsize=1)
 def bfloat16_matrix_units() -> bool:
     """Whether this CPU multiplies bfloat16 matrices natively (AMX tiles): there bfloat16 convolutions run
     several times faster than float32 ones; elsewhere they are emulated and gain little."""
