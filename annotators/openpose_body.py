@@ -1,7 +1,7 @@
 """OpenPose body keypoints from controlnet-aux's body network, with our own post-processing.
 
 controlnet-aux's `Body.__call__` spends about two thirds of its time around the network: it resizes the 19
-heatmaps and 38 part-affinity fields one channel at a time, blurs each heatmap with scipy, builds eight
+heatmaps and 38 part-affinity fields one channel at a time, blurs each heatmap with scipy, builds four
 full-size shifted copies per part to find peaks, and scores limb candidates pair by pair in Python. This is the
 same algorithm (same resizes, blur, peak rule, limb scoring and greedy person assembly, so the same candidate
 and subset arrays) with whole-array resizes, OpenCV's blur, in-place peak tests and limb scoring vectorised
@@ -30,6 +30,8 @@ def _resize(x: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 class FastBody:
+    """Called like controlnet-aux's Body (BGR image -> candidate, subset) on that Body's network."""
+
     def __init__(self, aux_body):
         self.model = aux_body.model
         self.format_body_result = aux_body.format_body_result
