@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from annotators.runtime import device, low_precision_dtype
+from annotators.runtime import inference
 
 
 def _as_float32(value):
@@ -23,8 +23,5 @@ class LowPrecisionForward(torch.nn.Module):
         self.network = network
 
     def forward(self, *args, **kwargs):
-        dtype = low_precision_dtype()
-        if dtype is None:
-            return self.network(*args, **kwargs)
-        with torch.autocast(device().type, dtype=dtype):
-            return _as_float32(self.network(*args, **kwargs))
+        with inference(low_precision=True):
+            return _as_float32(self.network(*args, **kwargs))  # no copy when already float32
