@@ -96,19 +96,16 @@ def test_zoe_equals_controlnet_aux(weights_dir):
     random_weights.write(weights_dir, ["ZoeD_M12_N.pt"])
     detector = aux_module("zoe").ZoeDetector.from_pretrained(str(weights_dir))
     theirs = detector(IMAGE, detect_resolution=192, image_resolution=192, output_type="np")
-    # Fused attention and the mirrored image in the same batch sum in another order than controlnet-aux: the
-    # metric depth agrees to float32 rounding, which the 2nd..85th percentile stretch of a random network's
-    # nearly flat depth then magnifies into single grey levels.
+    # Fused attention sums in another order than controlnet-aux's: the metric depth agrees to float32 rounding,
+    # which the 2nd..85th percentile stretch of a random network's nearly flat depth magnifies into grey levels.
     _same(preprocess.run("depth_zoe", IMAGE, resolution=192, use_cache=False), theirs, off_by_one=0.05)
     import torch
-
-    from annotators import depth
 
     ours_net = runtime.load_once("zoe", lambda: None)
     assert sum(hasattr(m, "_studio_tables") for m in ours_net.modules()) == 24  # every BEiT-L block ran fused
     x = runtime.to_batch([IMAGE], scale=1.0 / 255.0, channels_last=False)
     with torch.inference_mode():
-        exact, fast = detector.model.infer(x), depth._zoe_infer(ours_net, x)
+        exact, fast = detector.model.infer(x), ours_net.infer(x)
     error = (fast - exact).abs() / (exact.max() - exact.min())
     assert error.max() < 2e-3 and error.mean() < 2e-4, (error.max(), error.mean())
 
