@@ -14,17 +14,18 @@ _TOP_K, _PEAK_WINDOW = 200, 3  # as controlnet-aux's pred_lines decodes the netw
 def _network():
     path = find_weight("mlsd_large_512_fp32.pth", "mlsd")
     detector = aux_module("mlsd").MLSDdetector.from_pretrained(str(path.parent), filename=path.name)
-    return prepare(detector.model, channels_last=False)
+    # channels-last: its depthwise and dilated convolutions ran 1.5x faster so than NCHW in float32 on two cores
+    return prepare(detector.model)
 
 
 def _network_input(img: np.ndarray):
     """RGB plus a constant fourth channel, scaled to [-1, 1] in float32 with the same float operations as
-    controlnet-aux (which builds it in float64 first and resizes the image to its own size)."""
+    controlnet-aux (which builds it in float64 first and resizes the image to its own size); channels-last."""
     import torch
 
-    rgb = torch.from_numpy(np.ascontiguousarray(img)).to(device()).permute(2, 0, 1).float()
-    ones = torch.ones((1, *img.shape[:2]), device=rgb.device)
-    return torch.cat([rgb, ones]).div_(127.5).sub_(1.0)[None]
+    rgb = torch.from_numpy(np.ascontiguousarray(img)).to(device()).float()
+    ones = torch.ones((*img.shape[:2], 1), device=rgb.device)
+    return torch.cat([rgb, ones], dim=2).div_(127.5).sub_(1.0).permute(2, 0, 1)[None]
 
 
 def _segments(outputs, score_thr: float, dist_thr: float) -> np.ndarray:

@@ -1,0 +1,73 @@
+"""Layer rewrites that runtime.prepare applies to every annotator network: same outputs, safe where they apply."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from annotators import one_channel_conv, runtime
+
+
+@pytest.mark.parametrize("kernel,padding,bias,batch", [(7, 0, True, 1), (3, 1, False, 2), (5, 2, True, 1),
+                                                       ((3, 5), (1, 2), True, 2)])
+def test_one_channel_conv_equals_conv2d(kernel, padding, bias, batch):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 1, kernel, padding=padding, bias=bias).eval()
+    fast = copy.deepcopy(conv)
+    assert one_channel_conv.install(fast) == 1
+    x = torch.randn(batch, 6, 11, 13)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), conv(x), rtol=1e-5, atol=1e-5)
+    x.requires_grad_(True)
+    fast(x).sum().backward()  # training takes PyTorch's own path
+    assert x.grad is not None
+
+
+def test_one_channel_conv_leaves_other_convolutions_alone():
+    layers = nn.Sequential(nn.Conv2d(4, 2, 7), nn.Conv2d(2, 1, 1), nn.Conv2d(2, 1, 3, stride=2),
+                           nn.Conv2d(2, 1, 3, dilation=2), nn.Conv2d(2, 1, 3, padding_mode="reflect", padding=1))
+    assert one_channel_conv.install(layers) == 0
+
+
+def _network():
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+            self.relu = nn.ReLU()  # not in a Sequential: its input is also the residual
+
+        def forward(self, x):
+            return self.relu(x) + self.conv(x)
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.ReLU(), nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), Residual(),
+                         nn.Conv2d(8, 8, 1), nn.LeakyReLU(0.2), nn.Conv2d(8, 8, 1), nn.ReLU6()).eval()
+
+
+def test_prepare_runs_activations_in_place_only_on_fresh_outputs():
+    reference = _network()
+    with torch.no_grad():
+        for norm in reference.modules():
+            if isinstance(norm, nn.BatchNorm2d):
+                norm.running_mean.uniform_(-1, 1)
+                norm.running_var.uniform_(0.5, 2)
+    net = runtime.prepare(copy.deepcopy(reference), channels_last=False)
+    assert type(net[2]) is nn.Identity  # the batch norm was folded: the ReLU still sees the conv's own output
+    assert [net[i].inplace for i in (0, 3, 6, 8)] == [False, True, True, True]
+    assert net[4].relu.inplace is False
+    x = torch.randn(2, 3, 9, 9)
+    kept = x.clone()
+    with torch.inference_mode():
+        torch.testing.assert_close(net(x), reference(x), rtol=1e-5, atol=1e-5)
+    assert torch.equal(x, kept)  # the first ReLU must not write into the caller's tensor
+
+
+def test_activation_after_a_hooked_layer_keeps_its_own_output():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    seen = []
+    net[0].register_forward_hook(lambda module, args, out: seen.append(out))
+    runtime.activations_in_place(net)
+    assert net[1].inplace is False
+    with torch.inference_mode():
+        net(torch.randn(1, 3, 8, 8))
+    assert (seen[0] < 0).any()  # the hook's copy still holds the negative values
