@@ -107,8 +107,9 @@ def unload_all() -> None:
 
 
 def prepare(module, channels_last: bool = True):
-    """eval, no grads, on the device; batch norms folded into their convolutions; NHWC memory where the
-    convolutions run faster with it.
+    """eval, no grads, on the device; batch norms folded into their convolutions, activations in place where
+    safe, kernel-1 Conv1d and one-output-channel convolutions as matrix products; NHWC memory where the
+    convolutions run faster with it. Every rewrite is deterministic: the same map comes out on every run.
 
     No per-shape CPU kernel choice here (lib_controlnet.cpu_convolution): it is timed, so float rounding could
     differ between runs, and a map (a dataset's above all) should come out the same every time; the gain on
@@ -161,7 +162,7 @@ def activations_in_place(module) -> None:
     for sequential in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
         children = list(sequential.children())
         for index, child in enumerate(children):
-            if type(child) not in activations or child.inplace:
+            if type(child) not in activations or child.inplace or _hooked(child):  # a hook would see it changed
                 continue
             source = index - 1
             while source >= 0 and type(children[source]) is nn.Identity and not _hooked(children[source]):

@@ -71,3 +71,14 @@ def test_activation_after_a_hooked_layer_keeps_its_own_output():
     with torch.inference_mode():
         net(torch.randn(1, 3, 8, 8))
     assert (seen[0] < 0).any()  # the hook's copy still holds the negative values
+
+
+def test_hooked_activation_sees_its_input_unchanged():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    inputs = []
+    net[1].register_forward_hook(lambda module, args, out: inputs.append(args[0]))
+    runtime.activations_in_place(net)
+    assert net[1].inplace is False
+    with torch.inference_mode():
+        net(torch.randn(1, 3, 8, 8))
+    assert (inputs[0] < 0).any()
