@@ -9,6 +9,7 @@ in float32, whose maps equal controlnet-aux's.
     python benchmarks/bench_preprocess.py            # full: 4 photos, 2 rounds, 6 networks
     python benchmarks/bench_preprocess.py --quick    # 2 photos, 1 round, 3 networks (well under 3 minutes)
     python benchmarks/bench_preprocess.py --heavy --images 2 --reps 1 --rounds 1   # + the large networks
+    python benchmarks/bench_preprocess.py --only depth_zoe,mlsd                     # just these maps
 """
 from __future__ import annotations
 
@@ -153,6 +154,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=None)
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--only", help="comma-separated maps to time (any of the above), e.g. depth_zoe")
     parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
     parser.add_argument("--names", help=argparse.SUPPRESS)
@@ -166,6 +168,12 @@ def main() -> None:
     rounds = args.rounds or (1 if args.quick else 2)
     neural = (QUICK_NEURAL if args.quick else list(NEURAL)) + (list(HEAVY) if args.heavy else [])
     names = list(MODEL_FREE) + neural
+    if args.only:
+        unknown = set(args.only.split(",")) - set(MODEL_FREE) - set(NEURAL_ALL)
+        if unknown:
+            parser.error(f"unknown map(s): {', '.join(sorted(unknown))}")
+        names = args.only.split(",")
+        neural = [name for name in names if name in NEURAL_ALL]
 
     import lib_controlnet  # noqa: F401
     from annotators import random_weights
@@ -174,7 +182,7 @@ def main() -> None:
         weights = Path(tmp)
         files = ["ControlNetHED.pth", "table5_pidinet.pth", "sk_model.pth", "sk_model2.pth", "7_model.pth",
                  "netG.pth", "mlsd_large_512_fp32.pth"]
-        random_weights.write(weights, files + (HEAVY_FILES if args.heavy else []))
+        random_weights.write(weights, files + (HEAVY_FILES if set(names) & set(HEAVY) else []))
         best: dict[str, dict] = {side: {} for side in SIDES}
         for _ in range(rounds):
             for side in SIDES:
@@ -186,8 +194,10 @@ def main() -> None:
           f"torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}, default precision here: "
           f"{best['ours']['precision']}")
     print(f"{'map':<22}{'ours s/map':>12}{'aux s/map':>12}{'ratio':>8}   target")
-    groups = {"model-free": list(MODEL_FREE), "neural": neural}
+    groups = {"model-free": [name for name in names if name in MODEL_FREE], "neural": neural}
     for group, members in groups.items():
+        if not members:
+            continue
         ratios = []
         for name in members:
             ours, aux = best["ours"][name], best["aux"][name]
