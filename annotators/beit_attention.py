@@ -18,11 +18,12 @@ import torch.nn.functional as F
 
 
 @functools.lru_cache(maxsize=4)
-def _flat_position_index(window_size: tuple[int, int]) -> torch.Tensor:
-    """timm's relative position index for this window, flattened; one copy shared by every block."""
+def _flat_position_index(window_size: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """timm's relative position index for this window, flattened, on `device`; one copy shared by every block
+    (not copied to the device again in every block and forward)."""
     from timm.models.beit import gen_relative_position_index
 
-    return gen_relative_position_index(window_size).view(-1)
+    return gen_relative_position_index(window_size).view(-1).to(device)
 
 
 def _table_for_window(attn, window_size: tuple[int, int]) -> torch.Tensor:
@@ -44,7 +45,7 @@ def _bias(attn, window_size: tuple[int, int]) -> torch.Tensor:
     """(1, heads, tokens, tokens) relative position bias, gathered directly in that layout (no permuted copy)."""
     table = _table_for_window(attn, window_size)
     tokens = window_size[0] * window_size[1] + 1
-    index = _flat_position_index(window_size).to(table.device)
+    index = _flat_position_index(window_size, table.device)
     return torch.index_select(table, 1, index).view(1, table.shape[0], tokens, tokens)
 
 
