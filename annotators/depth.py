@@ -52,7 +52,7 @@ def _leres_detector():
         raise _leres_layout_error(depth, pix2pix)
     detector = aux_module("leres").LeresDetector.from_pretrained(
         str(depth.parent), filename=depth.name, pix2pix_filename=pix2pix.name)
-    prepare(detector.model, channels_last=False)
+    prepare(detector.model)
     from annotators.low_precision import LowPrecisionForward
 
     detector.model.depth_model = LowPrecisionForward(detector.model.depth_model)  # the boost's pix2pix stays float32

@@ -34,6 +34,9 @@ midas_normal = batchable(_midas_normal)
 def _bae_network():
     path = find_weight("scannet.pt", "normal_bae")
     detector = aux_module("normalbae").NormalBaeDetector.from_pretrained(str(path.parent), filename=path.name)
+    from annotators import normalbae_decoder
+
+    normalbae_decoder.install(detector.model)
     return prepare(detector.model, channels_last=False)
 
 

@@ -108,7 +108,7 @@ def unload_all() -> None:
 
 def prepare(module, channels_last: bool = True):
     """eval, no grads, on the device; batch norms folded into their convolutions, activations in place where
-    safe, kernel-1 Conv1d and one-output-channel convolutions as matrix products; NHWC memory where the
+    safe, one-output-channel convolutions as matrix products; NHWC memory where the
     convolutions run faster with it. Every rewrite is deterministic: the same map comes out on every run.
 
     No per-shape CPU kernel choice here (lib_controlnet.cpu_convolution): it is timed, so float rounding could
@@ -117,12 +117,11 @@ def prepare(module, channels_last: bool = True):
     """
     import torch
 
-    from annotators import one_channel_conv, pointwise  # import torch: only once a network is prepared
+    from annotators import one_channel_conv  # imports torch: only once a network is prepared
 
     module.eval().requires_grad_(False)
     fold_batchnorms(module)
     activations_in_place(module)
-    pointwise.conv1d_as_matmul(module)
     one_channel_conv.install(module)
     module.to(device())
     if channels_last:

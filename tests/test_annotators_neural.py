@@ -189,30 +189,6 @@ def test_cached_maps_are_kept_apart_by_precision(weights_dir, bfloat16):
     exact = preprocess.run("lineart_realistic", IMAGE, resolution=128)
     assert not np.array_equal(fast, exact)
     assert np.array_equal(exact, preprocess.run("lineart_realistic", IMAGE, resolution=128, use_cache=False))
-
-
-def test_pointwise_conv1d_equals_conv1d_and_keeps_its_state_dict():
-    import torch
-
-    from annotators.pointwise import PointwiseConv1d, conv1d_as_matmul
-
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv1d(6, 5, 1), torch.nn.Conv1d(5, 4, 1, bias=False),
-                              torch.nn.Conv1d(4, 4, 3, padding=1))
-    x = torch.randn(2, 6, 50)
-    with torch.no_grad():
-        expected = net(x)
-    keys = list(net.state_dict())
-    conv1d_as_matmul(net)
-    assert [type(m) for m in net] == [PointwiseConv1d, PointwiseConv1d, torch.nn.Conv1d]
-    with torch.no_grad():
-        torch.testing.assert_close(net(x), expected, rtol=1e-5, atol=1e-5)
-    assert list(net.state_dict()) == keys
-    with torch.enable_grad():  # training keeps the convolution path (and its autograd)
-        net(x).sum().backward()
-    assert net[0].weight.grad is not None
-
-
 def test_non_square_images_keep_their_aspect(weights_dir):
     for name in ("softedge_pidinet", "lineart_realistic", "softedge_teed", "lineart_anime"):
         assert preprocess.run(name, WIDE, resolution=64, use_cache=False).shape == (64, 96, 3)
