@@ -27,9 +27,8 @@ def _upsample(x):
 def _mlp_layers(mlp) -> list | None:
     """[(weight as out x in, bias, relu after?)] for a Sequential of kernel-1 Conv1d and ReLU layers, or None
     for any other shape (then the original decoder runs)."""
-    children = list(mlp.children())
     layers = []
-    for index, child in enumerate(children):
+    for child in mlp.children():
         if isinstance(child, torch.nn.ReLU):
             if not layers or layers[-1][2]:
                 return None

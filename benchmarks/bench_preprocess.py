@@ -1,10 +1,11 @@
 """Preprocessor throughput and peak memory: ours against controlnet-aux, same photos, same random weights, 512 px.
 
-Each side runs in its own process (so peak memory is its own), twice in alternation unless --quick; the best
-time per map counts, which damps the noise of a shared machine. Prints seconds per map and the ratio
-(controlnet-aux time / ours: above 1 means we are faster). Targets: >= 1.0x model-free, >= 1.3x neural.
-Neural maps run twice on our side: at the default annotator precision ("auto": bfloat16 on CPUs with AMX) and
-in float32, whose maps equal controlnet-aux's.
+Each map runs on each side in a process of its own (so its peak memory is its own), twice in alternation unless
+--quick; the best time per map counts, which damps the noise of a shared machine. Prints seconds per map, the
+ratio (controlnet-aux time / ours: above 1 means we are faster) and each side's peak RSS for the map.
+Targets: >= 1.0x model-free, >= 1.3x neural, peak memory no higher than controlnet-aux's.
+Where the default annotator precision is bfloat16 ("auto" on CPUs with AMX), neural maps also run in float32,
+whose maps equal controlnet-aux's.
 
     python benchmarks/bench_preprocess.py            # full: 4 photos, 2 rounds, 6 networks
     python benchmarks/bench_preprocess.py --quick    # 2 photos, 1 round, 3 networks (well under 3 minutes)
@@ -158,7 +159,6 @@ def child(args) -> None:
             result[name + " peak_mb"] = _peak_mb()
             del detector, call  # one network at a time, as on our side
             gc.collect()
-    result["peak_rss_mb"] = max(v for k, v in result.items() if k.endswith(" peak_mb"))
     print("RESULT " + json.dumps(result))
 
 
@@ -217,10 +217,15 @@ def main() -> None:
         # where the default precision is float32 already, the float32 side would only time the same maps again
         sides = SIDES if low_precision_dtype() is not None else [s for s in SIDES if s != "ours-float32"]
         for _ in range(rounds):
-            for side in sides:
-                for key, value in _run_side(side, weights, names, args).items():
-                    previous = best[side].get(key)
-                    best[side][key] = value if previous is None or isinstance(value, str) else min(previous, value)
+            # one process per map and side: each map's peak memory is its own, not what earlier maps left behind
+            for name in names:
+                for side in sides:
+                    if side in ("ours-float32", "ours-batch") and name not in NEURAL_ALL:
+                        continue
+                    for key, value in _run_side(side, weights, [name], args).items():
+                        previous = best[side].get(key)
+                        best[side][key] = value if previous is None or isinstance(value, str) \
+                            else min(previous, value)
 
     print(f"\npreprocessors at {args.size} px, {args.images} photos, best of {rounds} round(s) x {args.reps} rep(s), "
           f"torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}, default precision here: "
@@ -248,10 +253,12 @@ def main() -> None:
         for r in ratios:
             geo *= r
         print(f"{group} geometric mean ratio: {geo ** (1 / len(ratios)):.2f}x")
-    ours_mb, aux_mb = best["ours"]["peak_rss_mb"], best["aux"]["peak_rss_mb"]
+    ours_mb, aux_mb = (max(best[side][name + " peak_mb"] for name in names) for side in ("ours", "aux"))
     print(f"peak memory (RSS, MB, one image at a time, the largest map): ours {ours_mb:.0f}, controlnet-aux "
           f"{aux_mb:.0f}, ratio {ours_mb / aux_mb:.2f}   <= 1.0")
-    print(f"(batched run_batch of {args.images} images, not compared: peak {best['ours-batch']['peak_rss_mb']:.0f} MB)")
+    if neural:
+        batch_mb = max(best["ours-batch"][name + " peak_mb"] for name in neural)
+        print(f"(batched run_batch of {args.images} images, not compared: peak {batch_mb:.0f} MB)")
 
 
 if __name__ == "__main__":

@@ -189,6 +189,8 @@ def test_cached_maps_are_kept_apart_by_precision(weights_dir, bfloat16):
     exact = preprocess.run("lineart_realistic", IMAGE, resolution=128)
     assert not np.array_equal(fast, exact)
     assert np.array_equal(exact, preprocess.run("lineart_realistic", IMAGE, resolution=128, use_cache=False))
+
+
 def test_non_square_images_keep_their_aspect(weights_dir):
     for name in ("softedge_pidinet", "lineart_realistic", "softedge_teed", "lineart_anime"):
         assert preprocess.run(name, WIDE, resolution=64, use_cache=False).shape == (64, 96, 3)
