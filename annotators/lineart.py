@@ -18,15 +18,23 @@ def _lineart_networks():
     coarse = find_weight("sk_model2.pth", "lineart_coarse")
     detector = aux_module("lineart").LineartDetector.from_pretrained(
         str(fine.parent), filename=fine.name, coarse_filename=str(coarse))  # os.path.join keeps an absolute path
-    # NCHW: reflection padding and instance norm in these generators run slower channels-last on CPU
-    return prepare(detector.model, channels_last=False), prepare(detector.model_coarse, channels_last=False)
+    return _channels_last(detector.model), _channels_last(detector.model_coarse)
+
+
+def _channels_last(network):
+    """Channels-last, with an instance norm that keeps it so (annotators/instance_norm.py): the generators' 3x3
+    and transposed convolutions run faster that way on the CPU (line art 4.0 -> 2.7 s at 768 x 512)."""
+    from annotators import instance_norm
+
+    instance_norm.install(network)
+    return prepare(network)
 
 
 def _run_generator(images, coarse: bool):
     fine_net, coarse_net = load_once("lineart", _lineart_networks)
     net = coarse_net if coarse else fine_net
     with inference(low_precision=True):
-        line = net(to_batch(images, scale=1.0 / 255.0, channels_last=False))[:, 0].float()
+        line = net(to_batch(images, scale=1.0 / 255.0))[:, 0].float()
         return [255 - m for m in to_uint8(line.mul_(255.0))]
 
 
@@ -45,7 +53,7 @@ coarse = batchable(_coarse)
 def _anime_network():
     path = find_weight("netG.pth", "lineart_anime")
     detector = aux_module("lineart_anime").LineartAnimeDetector.from_pretrained(str(path.parent), filename=path.name)
-    return prepare(detector.model, channels_last=False)
+    return _channels_last(detector.model)
 
 
 def _anime(images, p: Params):
@@ -56,7 +64,7 @@ def _anime(images, p: Params):
     feed = [cv2.resize(img, (wn, hn), interpolation=cv2.INTER_CUBIC) if (hn, wn) != (h, w) else img
             for img in images]
     with inference(low_precision=True):
-        lines = net(to_batch(feed, scale=1.0 / 127.5, offset=-1.0, channels_last=False))[:, 0].float()
+        lines = net(to_batch(feed, scale=1.0 / 127.5, offset=-1.0))[:, 0].float()
         lines = lines.mul_(127.5).add_(127.5)
         lines = lines.cpu().numpy()
     out = []

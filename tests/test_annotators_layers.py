@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from annotators import one_channel_conv, runtime
+from annotators import instance_norm, one_channel_conv, runtime
 
 
 @pytest.mark.parametrize("kernel,padding,bias,batch", [(7, 0, True, 1), (3, 1, False, 2), (5, 2, True, 1),
@@ -82,3 +82,28 @@ def test_hooked_activation_sees_its_input_unchanged():
     with torch.inference_mode():
         net(torch.randn(1, 3, 8, 8))
     assert (inputs[0] < 0).any()
+
+
+@pytest.mark.parametrize("channels,batch", [(16, 1), (96, 2)])  # both ways of summing squares
+def test_channels_last_instance_norm_equals_instance_norm(channels, batch):
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Conv2d(3, channels, 3), nn.InstanceNorm2d(channels), nn.ReLU()).eval()
+    fast = copy.deepcopy(reference)
+    assert instance_norm.install(fast) == 1
+    x = torch.randn(batch, 3, 37, 29) * 3 + 1
+    with torch.inference_mode():
+        expected = reference(x)
+        got = fast.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(fast(x.contiguous()), expected, rtol=1e-4, atol=1e-5)  # NCHW: PyTorch's own
+
+
+def test_channels_last_instance_norm_only_where_its_input_is_fresh():
+    hooked = nn.Conv2d(4, 4, 1)
+    hooked.register_forward_hook(lambda module, args, out: None)  # a hook could keep the conv's output
+    layers = nn.Sequential(nn.InstanceNorm2d(4), nn.ReLU(), nn.InstanceNorm2d(4), nn.Conv2d(4, 4, 1),
+                           nn.InstanceNorm2d(4, affine=True), hooked, nn.InstanceNorm2d(4),
+                           nn.ConvTranspose2d(4, 4, 2), nn.InstanceNorm2d(4))
+    assert instance_norm.install(layers) == 1
+    assert type(layers[8]) is instance_norm.ChannelsLastInstanceNorm
