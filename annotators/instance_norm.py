@@ -1,4 +1,4 @@
-"""Instance norm (affine-free, no running stats) for channels-last maps at inference.
+"""Instance norm (affine-free, no running stats) for channels-last float32 maps at inference.
 
 PyTorch's CPU instance norm wants NCHW: on a channels-last map it copies the map to NCHW and back, and
 `var_mean` over H and W of a channels-last map ran 2x slower than NCHW's. That kept the line art generators in
@@ -27,8 +27,10 @@ class ChannelsLastInstanceNorm(torch.nn.InstanceNorm2d):
     """InstanceNorm2d whose inference on a fresh channels-last map normalises it in place."""
 
     def forward(self, x):
+        # bfloat16 (autocast) maps take PyTorch's path, whose statistics are accumulated in float32
         if self.affine or self.track_running_stats or torch.is_grad_enabled() or x.dim() != 4 \
-                or not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous():
+                or x.dtype != torch.float32 or not x.is_contiguous(memory_format=torch.channels_last) \
+                or x.is_contiguous():
             return super().forward(x)
         return _normalise_in_place(x, self.eps)
 
@@ -43,7 +45,7 @@ def install(module) -> int:
         for before, norm in zip(children, children[1:]):
             if type(norm) is torch.nn.InstanceNorm2d and not norm.affine and not norm.track_running_stats \
                     and isinstance(before, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) \
-                    and not (before._forward_hooks or norm._forward_pre_hooks):
+                    and not (before._forward_hooks or norm._forward_pre_hooks or norm._forward_hooks):
                 norm.__class__ = ChannelsLastInstanceNorm
                 count += 1
     return count

@@ -97,6 +97,8 @@ def test_channels_last_instance_norm_equals_instance_norm(channels, batch):
         assert got.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(fast(x.contiguous()), expected, rtol=1e-4, atol=1e-5)  # NCHW: PyTorch's own
+        half = reference[0](x).contiguous(memory_format=torch.channels_last).bfloat16()
+        torch.testing.assert_close(fast[1](half), reference[1](half))  # bfloat16: PyTorch's own
 
 
 def test_channels_last_instance_norm_only_where_its_input_is_fresh():
