@@ -36,16 +36,12 @@ class ChannelsLastInstanceNorm(torch.nn.InstanceNorm2d):
 
 
 def install(module) -> int:
-    """In every Sequential of `module`, swap each plain affine-free InstanceNorm2d that directly follows a
-    convolution (its input is a fresh map nothing else holds, so normalising it in place is safe) for the
-    channels-last one; returns how many."""
-    count = 0
-    for sequential in [m for m in module.modules() if isinstance(m, torch.nn.Sequential)]:
-        children = list(sequential.children())
-        for before, norm in zip(children, children[1:]):
-            if type(norm) is torch.nn.InstanceNorm2d and not norm.affine and not norm.track_running_stats \
-                    and isinstance(before, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) \
-                    and not (before._forward_hooks or norm._forward_pre_hooks or norm._forward_hooks):
-                norm.__class__ = ChannelsLastInstanceNorm
-                count += 1
-    return count
+    """Swap each plain affine-free InstanceNorm2d whose input is fresh (runtime.layers_with_fresh_input, so
+    normalising it in place is safe) for the channels-last one; returns how many."""
+    from annotators.runtime import layers_with_fresh_input
+
+    norms = [layer for layer in layers_with_fresh_input(module) if type(layer) is torch.nn.InstanceNorm2d
+             and not layer.affine and not layer.track_running_stats]
+    for norm in norms:
+        norm.__class__ = ChannelsLastInstanceNorm
+    return len(norms)

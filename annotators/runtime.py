@@ -108,8 +108,8 @@ def unload_all() -> None:
 
 def prepare(module, channels_last: bool = True):
     """eval, no grads, on the device; batch norms folded into their convolutions, activations in place where
-    safe, one-output-channel convolutions as matrix products; NHWC memory where the
-    convolutions run faster with it. Every rewrite is deterministic: the same map comes out on every run.
+    safe, one-output-channel convolutions as matrix products; NHWC memory where the convolutions run faster
+    with it. Every rewrite is deterministic: the same map comes out on every run.
 
     No per-shape CPU kernel choice here (lib_controlnet.cpu_convolution): it is timed, so float rounding could
     differ between runs, and a map (a dataset's above all) should come out the same every time; the gain on
@@ -148,26 +148,35 @@ def fold_batchnorms(module) -> None:
 
 
 def activations_in_place(module) -> None:
-    """Let each ReLU-family activation in a Sequential overwrite its input when that input is a fresh output of
-    the layer before it (a convolution, linear or norm layer, possibly through the Identity a folded batch norm
-    left) that no hook can see: nothing else holds that tensor. An out-of-place ReLU allocates a new map (page
-    faults on every call for large ones): for M-LSD's 128 x 256 x 384 maps that was 40 ms of a 230 ms
-    convolution plus ReLU on two cores."""
+    """Let each ReLU-family activation whose input is fresh (`layers_with_fresh_input`) overwrite it. An
+    out-of-place ReLU allocates a new map (page faults on every call for large ones): for M-LSD's
+    128 x 256 x 384 maps that was 40 ms of a 230 ms convolution plus ReLU on two cores."""
     from torch import nn
 
     activations = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.SiLU, nn.ELU)
+    for child in layers_with_fresh_input(module):
+        if type(child) in activations:
+            child.inplace = True
+
+
+def layers_with_fresh_input(module):
+    """Each layer in a Sequential of `module` whose input is a fresh output of the layer before it (a
+    convolution, linear or norm layer, possibly through the Identity a folded batch norm left) and that no hook
+    can see, nor the layer itself: nothing else holds that tensor, so the layer may overwrite it."""
+    from torch import nn
+
     fresh = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.BatchNorm2d, nn.InstanceNorm2d, nn.GroupNorm,
              nn.LayerNorm)
     for sequential in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
         children = list(sequential.children())
         for index, child in enumerate(children):
-            if type(child) not in activations or child.inplace or _hooked(child):  # a hook would see it changed
+            if _hooked(child):  # a hook would see its input changed
                 continue
             source = index - 1
             while source >= 0 and type(children[source]) is nn.Identity and not _hooked(children[source]):
                 source -= 1
             if source >= 0 and isinstance(children[source], fresh) and not _hooked(children[source]):
-                child.inplace = True
+                yield child
 
 
 def _hooked(layer) -> bool:

@@ -15,7 +15,6 @@ whose maps equal controlnet-aux's.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import resource
@@ -132,10 +131,6 @@ def child(args) -> None:
                     lambda n=name: preprocess.run_batch(n, images, resolution=args.size, batch_size=len(images)),
                     len(images), args.reps)
             result[name + " peak_mb"] = _peak_mb()
-            # The WebUI keeps the networks a user picks; here each is dropped after its turn, as the peer's
-            # detector is, so peak memory compares one network against one network.
-            runtime.unload_all()
-            gc.collect()
     else:
         import controlnet_aux  # the peer as its users import it
 
@@ -157,8 +152,6 @@ def child(args) -> None:
                     return d(im, detect_resolution=args.size, image_resolution=args.size, output_type="np")
             result[name] = _time(call, images, args.reps)
             result[name + " peak_mb"] = _peak_mb()
-            del detector, call  # one network at a time, as on our side
-            gc.collect()
     print("RESULT " + json.dumps(result))
 
 
