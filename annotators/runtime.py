@@ -117,12 +117,13 @@ def prepare(module, channels_last: bool = True):
     """
     import torch
 
-    from annotators import one_channel_conv  # imports torch: only once a network is prepared
+    from annotators import one_channel_conv, winograd_conv  # import torch: only once a network is prepared
 
     module.eval().requires_grad_(False)
     fold_batchnorms(module)
     activations_in_place(module)
     one_channel_conv.install(module)
+    winograd_conv.install(module)
     module.to(device())
     if channels_last:
         module.to(memory_format=torch.channels_last)
