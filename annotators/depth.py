@@ -14,7 +14,11 @@ from annotators.weights import find_weight
 def midas_network():
     path = find_weight("dpt_hybrid-midas-501f0c75.pt", "depth_midas")
     detector = aux_module("midas").MidasDetector.from_pretrained(str(path.parent), filename=path.name)
-    return prepare(detector.model)
+    net = prepare(detector.model)
+    from annotators import dpt_decoder
+
+    dpt_decoder.install(net.model)
+    return net
 
 
 def midas_depth(images, low_precision: bool = False):
@@ -98,7 +102,11 @@ def _zoe_network():
     from annotators import beit_attention
 
     beit_attention.install(detector.model)
-    return prepare(detector.model, channels_last=False)
+    prepare(detector.model, channels_last=False)
+    from annotators import dpt_decoder
+
+    dpt_decoder.install(detector.model.core.core)
+    return detector.model
 
 
 def _zoe(images, p: Params):
