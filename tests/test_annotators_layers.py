@@ -29,6 +29,28 @@ def test_one_channel_conv_leaves_other_convolutions_alone():
     assert one_channel_conv.install(layers) == 0
 
 
+@pytest.mark.parametrize("kernel,stride,padding,extra,bias", [(4, 2, 1, 0, True), (3, 2, 1, 1, False),
+                                                              (5, 3, 2, 2, True), ((4, 3), (2, 1), (1, 0), 0, True)])
+def test_one_channel_transposed_conv_equals_conv_transpose2d(kernel, stride, padding, extra, bias):
+    torch.manual_seed(0)
+    conv = nn.ConvTranspose2d(6, 1, kernel, stride, padding, output_padding=extra, bias=bias).eval()
+    fast = copy.deepcopy(conv)
+    assert one_channel_conv.install(fast) == 1 and type(fast) is one_channel_conv.OneChannelConvTranspose2d
+    x = torch.randn(2, 6, 11, 13).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        expected = conv(x)
+        got = fast(x)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        nchw = x.contiguous()  # oneDNN's own kernel: the very same numbers
+        torch.testing.assert_close(fast(nchw), conv(nchw), rtol=0, atol=0)
+
+
+def test_one_channel_transposed_conv_leaves_other_ones_alone():
+    layers = nn.Sequential(nn.ConvTranspose2d(4, 2, 4, 2, 1), nn.ConvTranspose2d(2, 1, 3, dilation=2),
+                           nn.ConvTranspose2d(2, 2, 3, groups=2))
+    assert one_channel_conv.install(layers) == 0
+
+
 def _network():
     class Residual(nn.Module):
         def __init__(self):
