@@ -71,9 +71,10 @@ def _banded(image, weight, bias, padding):
     pad_h, pad_w = padding
     height, width = image.shape[-2:]
     out_h, out_w = height + 2 * pad_h - 2, width + 2 * pad_w - 2
-    rows = max(1, MAX_CALL_OUTPUTS // (weight.shape[0] * out_w))
-    if rows >= out_h:
+    bands = -(-out_h * out_w * weight.shape[0] // MAX_CALL_OUTPUTS)
+    if bands <= 1:
         return torch._nnpack_spatial_convolution(image.contiguous(), weight, bias, [pad_h, pad_w], [1, 1])
+    rows = -(-out_h // bands)  # bands of equal height: a last band of a row or two cost as much as a full one
     out = image.new_empty((1, weight.shape[0], out_h, out_w))
     for top in range(0, out_h, rows):
         bottom = min(top + rows, out_h)
