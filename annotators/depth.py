@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 
 from annotators.common import Params
-from annotators.runtime import aux_module, batchable, inference, load_once, prepare, to_batch, to_uint8
+from annotators.runtime import (aux_module, batchable, inference, load_once, low_precision_dtype, prepare, to_batch,
+                                to_uint8)
 from annotators.weights import find_weight
 
 
@@ -17,7 +18,7 @@ def midas_network():
     net = prepare(detector.model)
     from annotators import dpt_decoder
 
-    dpt_decoder.install(net.model)
+    dpt_decoder.install(net.model, nchw=low_precision_dtype() is None)
     return net
 
 

@@ -47,12 +47,15 @@ def _is_fusion_block(module) -> bool:
             and conv.padding == (0, 0))
 
 
-def install(model) -> int:
-    """Reschedule `model.scratch` (a DPT decoder, already prepared); returns how many fusion blocks changed."""
+def install(model, nchw: bool = True) -> int:
+    """Reschedule `model.scratch` (a DPT decoder, already prepared); returns how many fusion blocks changed.
+    nchw=False leaves the layout alone (bfloat16 autocast, where NNPACK does not run)."""
     scratch = model.scratch
     blocks = [m for m in scratch.modules() if _is_fusion_block(m)]
     for block in blocks:
         block.__class__ = _conv_first(type(block))
+    if not nchw:
+        return len(blocks)
     scratch.to(memory_format=torch.contiguous_format)
     head = getattr(scratch, "output_conv", None)
     if isinstance(head, torch.nn.Sequential) and len(head) > 2 and type(head[1]).__name__ == "Interpolate" \

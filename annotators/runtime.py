@@ -108,8 +108,9 @@ def unload_all() -> None:
 
 def prepare(module, channels_last: bool = True):
     """eval, no grads, on the device; batch norms folded into their convolutions, activations in place where
-    safe, one-output-channel convolutions as matrix products; NHWC memory where the convolutions run faster
-    with it. Every rewrite is deterministic: the same map comes out on every run.
+    safe, one-output-channel convolutions as matrix products, large 3x3 ones through NNPACK's Winograd kernels
+    (a fixed rule on the shapes); NHWC memory where the convolutions run faster with it. Every rewrite is
+    deterministic: the same map comes out on every run.
 
     No per-shape CPU kernel choice here (lib_controlnet.cpu_convolution): it is timed, so float rounding could
     differ between runs, and a map (a dataset's above all) should come out the same every time; the gain on

@@ -1,10 +1,10 @@
 """Large 3x3 convolutions through NNPACK's Winograd kernels, which ship inside PyTorch's CPU build.
 
 PyTorch sends its CPU convolutions to oneDNN, which computes them directly. NNPACK's Winograd F(6x6, 3x3)
-needs about a fifth of the multiplications: a 256 -> 256 convolution over 128x192 took 100 ms against oneDNN's 235 ms on two AVX2 cores,
-the same result up to 2e-5 of its largest value. It loses on small maps, few channels, 1x1 and strided
-convolutions, so only convolutions past `worth_it` take it. PyTorch's own dispatch prefers oneDNN whenever it is
-built in; `torch._nnpack_spatial_convolution` is its entry to NNPACK's kernels.
+needs about a fifth of the multiplications: a 256 -> 256 convolution over 128x192 took 100 ms against oneDNN's
+235 ms on two AVX2 cores, the same result up to 2e-5 of its largest value. It loses on small maps, few
+channels, 1x1 and strided convolutions, so only convolutions past `worth_it` take it. PyTorch's own dispatch
+prefers oneDNN whenever it is built in; `torch._nnpack_spatial_convolution` is its entry to NNPACK's kernels.
 
 Inference on the CPU in float32 only: training, autocast (bfloat16 on CPUs with AMX, where oneDNN is faster)
 and any other case take Conv2d's own path. Same parameters and state dict.
