@@ -41,11 +41,12 @@ def available() -> bool:
 
 
 def worth_it(conv: torch.nn.Conv2d, input: torch.Tensor) -> bool:
+    """For a convolution `install` switched (its shape and channel counts already qualify): whether this call
+    takes NNPACK."""
     return (input.dim() == 4 and input.device.type == "cpu" and input.dtype == torch.float32
             and conv.weight.dtype == torch.float32 and not torch.is_grad_enabled()
             and not torch.is_autocast_enabled("cpu")
             and input.shape[-2] * input.shape[-1] >= MIN_PIXELS
-            and conv.in_channels >= MIN_IN_CHANNELS and conv.out_channels >= MIN_OUT_CHANNELS
             and (input.is_contiguous() or conv.out_channels >= MIN_OUT_CHANNELS_FROM_CHANNELS_LAST))
 
 
