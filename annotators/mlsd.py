@@ -25,7 +25,7 @@ def _network_input(img: np.ndarray):
 
     rgb = torch.from_numpy(np.ascontiguousarray(img)).to(device()).float()
     ones = torch.ones((*img.shape[:2], 1), device=rgb.device)
-    return torch.cat([rgb, ones], dim=2).div_(127.5).sub_(1.0).permute(2, 0, 1)[None]
+    return torch.cat([rgb, ones], dim=2).div_(127.5).sub_(1.0).unsqueeze(0).permute(0, 3, 1, 2)
 
 
 def _segments(outputs, score_thr: float, dist_thr: float) -> np.ndarray:

@@ -108,9 +108,9 @@ def unload_all() -> None:
 
 def prepare(module, channels_last: bool = True):
     """eval, no grads, on the device; batch norms folded into their convolutions, activations in place where
-    safe, one-output-channel convolutions as matrix products, large 3x3 ones through NNPACK's Winograd kernels
-    (a fixed rule on the shapes); NHWC memory where the convolutions run faster with it. Every rewrite is
-    deterministic: the same map comes out on every run.
+    safe, one-output-channel convolutions and transposed ones over small maps as matrix products, large 3x3
+    ones through NNPACK's Winograd kernels (fixed rules on the shapes); NHWC memory where the convolutions run
+    faster with it. Every rewrite is deterministic: the same map comes out on every run.
 
     No per-shape CPU kernel choice here (lib_controlnet.cpu_convolution): it is timed, so float rounding could
     differ between runs, and a map (a dataset's above all) should come out the same every time; the gain on
@@ -118,12 +118,13 @@ def prepare(module, channels_last: bool = True):
     """
     import torch
 
-    from annotators import one_channel_conv, winograd_conv  # import torch: only once a network is prepared
+    from annotators import one_channel_conv, small_map_conv, winograd_conv  # import torch: only once prepared
 
     module.eval().requires_grad_(False)
     fold_batchnorms(module)
     activations_in_place(module)
     one_channel_conv.install(module)
+    small_map_conv.install(module)
     winograd_conv.install(module)
     module.to(device())
     if channels_last:
@@ -190,8 +191,13 @@ def to_batch(images: Sequence[np.ndarray], scale: float = 1.0, offset: float = 0
     """Same-size HxWx3 uint8 images -> float NCHW tensor (x * scale + offset) on the device, one copy."""
     import torch
 
-    stacked = np.stack(images) if len(images) > 1 else images[0][None]
-    tensor = torch.from_numpy(stacked).to(device())
+    # one image: torch's unsqueeze, not numpy's [None], whose zero batch stride makes PyTorch see NCHW and run
+    # whole networks in it (MiDaS's padded stem: 730 -> 580 ms)
+    if len(images) > 1:
+        tensor = torch.from_numpy(np.stack(images))
+    else:
+        tensor = torch.from_numpy(np.ascontiguousarray(images[0])).unsqueeze(0)
+    tensor = tensor.to(device())
     if bgr:
         tensor = tensor.flip(-1)
     tensor = tensor.permute(0, 3, 1, 2).float()  # a view: NHWC memory is exactly channels_last

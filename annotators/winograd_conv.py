@@ -11,7 +11,6 @@ and any other case take Conv2d's own path. Same parameters and state dict.
 """
 from __future__ import annotations
 
-import ctypes
 import functools
 
 import torch
@@ -84,27 +83,7 @@ def _banded(image, weight, bias, padding):
         band = torch._nnpack_spatial_convolution(image[:, :, first:last].contiguous(), weight, bias,
                                                  [pad_h, pad_w], [1, 1])
         out[:, :, top:bottom] = band[:, :, top - first:bottom - first]
-    del band
-    _release_free_heap()
     return out
-
-
-@functools.lru_cache(maxsize=1)
-def _malloc_trim():
-    try:
-        return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
-def _release_free_heap():
-    """Hand the heap's free pages back to the system (glibc). The bands' inputs and outputs, 4 to 32 MB, land in
-    glibc's heap once its mmap threshold has risen past them, and freed heap memory stays with the process:
-    MiDaS's peak grew 170 MB over oneDNN's path. With this after each banded convolution it is 140 MB below
-    it, at no time measured."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def install(module: torch.nn.Module) -> int:

@@ -1,11 +1,12 @@
 """Layer rewrites that runtime.prepare applies to every annotator network: same outputs, safe where they apply."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from annotators import instance_norm, one_channel_conv, runtime
+from annotators import instance_norm, one_channel_conv, runtime, small_map_conv
 
 
 @pytest.mark.parametrize("kernel,padding,bias,batch", [(7, 0, True, 1), (3, 1, False, 2), (5, 2, True, 1),
@@ -49,6 +50,38 @@ def test_one_channel_transposed_conv_leaves_other_ones_alone():
     layers = nn.Sequential(nn.ConvTranspose2d(4, 2, 4, 2, 1), nn.ConvTranspose2d(2, 1, 3, dilation=2),
                            nn.ConvTranspose2d(2, 2, 3, groups=2))
     assert one_channel_conv.install(layers) == 0
+
+
+@pytest.mark.parametrize("kernel,stride,padding,extra,size", [(4, 2, 1, 0, (4, 6)), (3, 2, 1, 1, (5, 7)),
+                                                              ((4, 3), (2, 1), (1, 0), 0, (8, 12))])
+@pytest.mark.parametrize("channels_last,batch", [(True, 1), (False, 2)])
+def test_small_map_transposed_conv_equals_conv_transpose2d(kernel, stride, padding, extra, size, channels_last,
+                                                           batch):
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.ConvTranspose2d(6, 5, kernel, stride, padding, output_padding=extra)).eval()
+    conv = runtime.prepare(copy.deepcopy(reference))  # channels-last weights, as in every prepared network
+    assert type(conv[0]) is small_map_conv.SmallMapConvTranspose2d
+    x = torch.randn(batch, 6, *size)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    with torch.inference_mode():
+        got = conv(x)
+        torch.testing.assert_close(got, reference(x), rtol=1e-5, atol=1e-5)
+    assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+def test_small_map_transposed_conv_keeps_onednn_outside_its_range(monkeypatch):
+    conv = nn.ConvTranspose2d(4, 3, 4, 2, 1).eval()
+    small_map_conv.install(conv)
+    calls = []
+    fold = torch.nn.functional.fold
+    monkeypatch.setattr(small_map_conv.F, "fold", lambda *args, **kwargs: calls.append(1) or fold(*args, **kwargs))
+    with torch.inference_mode():
+        for size in [(2, 3), (12, 12), (4, 4)]:
+            conv(torch.randn(1, 4, *size))
+    assert len(calls) == 1  # 6 and 144 pixels are outside 16..128
+    assert small_map_conv.install(nn.Sequential(nn.ConvTranspose2d(4, 1, 4, 2, 1),
+                                                nn.ConvTranspose2d(2, 2, 3, groups=2),
+                                                nn.ConvTranspose2d(2, 2, 3, dilation=2))) == 0
 
 
 def _network():
@@ -131,3 +164,18 @@ def test_channels_last_instance_norm_only_where_its_input_is_fresh():
                            nn.ConvTranspose2d(4, 4, 2), nn.InstanceNorm2d(4))
     assert instance_norm.install(layers) == 1
     assert type(layers[8]) is instance_norm.ChannelsLastInstanceNorm
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_to_batch_is_channels_last_that_pytorch_recognises(count):
+    """A zero batch stride (numpy's [None] on one image) passes is_contiguous(channels_last) yet makes padding and
+    convolutions with NCHW weights fall back to NCHW: MiDaS's whole stem ran in it."""
+    images = [np.random.default_rng(i).integers(0, 256, (12, 20, 3), dtype=np.uint8) for i in range(count)]
+    batch = runtime.to_batch(images, scale=1 / 127.5, offset=-1.0)
+    assert batch.stride() == (12 * 20 * 3, 1, 20 * 3, 3)
+    padded = torch.nn.functional.pad(batch, (1, 1, 1, 1))
+    assert padded.is_contiguous(memory_format=torch.channels_last) and not padded.is_contiguous()
+    out = torch.nn.functional.conv2d(batch, torch.randn(8, 3, 3, 3))
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    expected = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    torch.testing.assert_close(batch, expected)

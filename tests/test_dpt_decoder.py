@@ -57,3 +57,54 @@ def test_rescheduled_decoder_gives_the_same_depth(copy_name, expand):
     assert type(block).__name__ == "ConvFirstFeatureFusionBlock_custom"
     assert fast.scratch.refinenet1.out_conv.weight.is_contiguous()  # the decoder keeps NCHW
     assert fast.scratch.output_conv[2].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def _head(blocks, width=8):
+    head = nn.Sequential(
+        nn.Conv2d(width, 6, 3, padding=1), blocks.Interpolate(scale_factor=2, mode="bilinear", align_corners=True),
+        nn.Conv2d(6, 4, 3, padding=1), nn.ReLU(True), nn.Conv2d(4, 1, 1), nn.ReLU(True), nn.Identity())
+    with torch.no_grad():
+        head[4].bias.fill_(0.5)
+    return head.eval()
+
+
+@pytest.mark.parametrize("size", [(9, 13), (1, 5), (16, 3)])
+def test_the_head_runs_in_bands_of_rows_with_the_same_output(monkeypatch, size):
+    torch.manual_seed(1)
+    decoder = nn.Module()
+    decoder.scratch = nn.Module()
+    decoder.scratch.output_conv = _head(aux_module(BLOCKS["midas"]))
+    reference = copy.deepcopy(decoder.scratch.output_conv)
+    dpt_decoder.install(decoder)
+    banded = decoder.scratch.output_conv
+    assert type(banded).__name__ == "_BandedHead"
+    assert list(banded.state_dict()) == list(reference.state_dict())
+    # bands of 5 rows: several per image, a short last one, and edges where the padding row must be zero
+    monkeypatch.setattr(dpt_decoder, "HEAD_BAND_ROWS", 5)
+    x = torch.randn(2, 8, *size)
+    with torch.inference_mode():
+        torch.testing.assert_close(banded(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("in_h,out_h", [(9, 18), (1, 2), (16, 32), (5, 11)])
+def test_upsampled_rows_are_pytorchs_rows(in_h, out_h):
+    x = torch.randn(1, 3, in_h, 7).contiguous(memory_format=torch.channels_last)
+    whole = torch.nn.functional.interpolate(x, size=(out_h, 15), mode="bilinear", align_corners=True)
+    for first, last in [(0, out_h), (0, 1), (out_h // 2, out_h), (max(out_h - 3, 0), out_h - 1)]:
+        if last > first:
+            rows = dpt_decoder._upsampled_rows(x, first, last, out_h, 15)
+            torch.testing.assert_close(rows, whole[:, :, first:last], rtol=1e-6, atol=1e-6)
+
+
+def test_a_hooked_head_is_left_whole():
+    """Zoe reads the head's 32-channel activation through a forward hook: bands would hand it one band."""
+    decoder = nn.Module()
+    decoder.scratch = nn.Module()
+    decoder.scratch.output_conv = _head(aux_module(BLOCKS["zoe"]))
+    seen = []
+    decoder.scratch.output_conv[3].register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+    dpt_decoder.install(decoder)
+    assert type(decoder.scratch.output_conv).__name__ == "Sequential"
+    with torch.inference_mode():
+        decoder.scratch.output_conv(torch.randn(1, 8, 6, 7))
+    assert seen == [torch.Size([1, 4, 12, 14])]
