@@ -6,10 +6,10 @@
   one took 110 ms after the upsampling).
 - The decoder keeps NCHW, the layout its large 3x3 convolutions compute in through NNPACK
   (annotators/winograd_conv.py); channels-last there cost a copy around each of them. The head's 32-channel
-  convolution over the full-size map stays channels-last, where oneDNN ran it 1.6x faster, and its input turns
-  channels-last before the upsampling, at a quarter of the size.
+  convolution over the full-size map stays channels-last, where oneDNN ran it 1.6x faster.
 - The head's upsampling and everything after it run in bands of output rows, so its upsampled 128-channel
-  map (200 MB at 768x512, the network's peak, and 50,000 page faults a map) never exists whole.
+  map (200 MB at 768x512, the network's peak, and 50,000 page faults a map) never exists whole. Each band turns
+  the input rows it needs channels-last before upsampling them, at a quarter of the size.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ class _BandedHead(torch.nn.Sequential):
     rows; each band upsamples the rows it needs, one beyond it on each side for the 3x3 convolution."""
 
     def forward(self, x):
-        x = self[0](x).contiguous(memory_format=torch.channels_last)
+        x = self[0](x)  # NCHW from NNPACK; each band takes its rows channels-last
         conv, pointwise = self[2], list(self)[3:]
         out_h, out_w = 2 * x.shape[-2], 2 * x.shape[-1]
         out = None
@@ -68,8 +68,8 @@ class _BandedHead(torch.nn.Sequential):
 
 
 def _upsampled_rows(x, first, last, out_h, out_w):
-    """Rows first..last-1 of F.interpolate(x, size=(out_h, out_w), mode="bilinear", align_corners=True) for a
-    channels-last x, with PyTorch's source coordinates and weights. Across the width: F.interpolate on the input
+    """Rows first..last-1 of F.interpolate(x, size=(out_h, out_w), mode="bilinear", align_corners=True), as a
+    channels-last band, with PyTorch's source coordinates and weights. Across the width: F.interpolate on the input
     rows they need, their height unchanged (weight 1 on each row). Down the height: one matrix product with the
     rows' blend weights, channels-last in and out; picking and blending the rows elementwise took 4x longer."""
     in_h = x.shape[-2]
@@ -83,7 +83,10 @@ def _upsampled_rows(x, first, last, out_h, out_w):
     picked = torch.arange(last - first)
     blend.index_put_((picked, upper - base), 1 - weight, accumulate=True)
     blend.index_put_((picked, lower - base), weight, accumulate=True)
-    wide = F.interpolate(x[:, :, base:end], size=(end - base, out_w), mode="bilinear", align_corners=True)
+    # a fresh channels-last copy of the rows: a slice of a channels-last map keeps the whole map's batch stride,
+    # and PyTorch's interpolation then writes NCHW
+    needed = x[:, :, base:end].clone(memory_format=torch.channels_last)
+    wide = F.interpolate(needed, size=(end - base, out_w), mode="bilinear", align_corners=True)
     wide = wide.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)  # N, rows, width, channels
     rows = torch.matmul(blend.to(x.dtype), wide.reshape(wide.shape[0], end - base, -1))
     return rows.view(wide.shape[0], last - first, out_w, wide.shape[-1]).permute(0, 3, 1, 2)
