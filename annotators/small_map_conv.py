@@ -21,7 +21,8 @@ MAX_PIXELS = 128
 class SmallMapConvTranspose2d(torch.nn.ConvTranspose2d):
     def forward(self, input, output_size=None):
         if output_size is not None or input.dim() != 4 or input.device.type != "cpu" or torch.is_grad_enabled() \
-                or not MIN_PIXELS <= input.shape[-2] * input.shape[-1] <= MAX_PIXELS:
+                or not MIN_PIXELS <= input.shape[-2] * input.shape[-1] <= MAX_PIXELS \
+                or not _channels_last(self.weight):  # NCHW weights (networks kept NCHW) would be copied per call
             return super().forward(input, output_size)
         n, channels, height, width = input.shape
         kh, kw = self.kernel_size

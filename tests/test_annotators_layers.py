@@ -72,13 +72,17 @@ def test_small_map_transposed_conv_equals_conv_transpose2d(kernel, stride, paddi
 def test_small_map_transposed_conv_keeps_onednn_outside_its_range(monkeypatch):
     conv = nn.ConvTranspose2d(4, 3, 4, 2, 1).eval()
     small_map_conv.install(conv)
+    nchw_weight = copy.deepcopy(conv)
+    conv.to(memory_format=torch.channels_last)
     calls = []
     fold = torch.nn.functional.fold
     monkeypatch.setattr(small_map_conv.F, "fold", lambda *args, **kwargs: calls.append(1) or fold(*args, **kwargs))
     with torch.inference_mode():
         for size in [(2, 3), (12, 12), (4, 4)]:
             conv(torch.randn(1, 4, *size))
-    assert len(calls) == 1  # 6 and 144 pixels are outside 16..128
+        assert len(calls) == 1  # 6 and 144 pixels are outside 16..128
+        nchw_weight(torch.randn(1, 4, 4, 4))
+    assert len(calls) == 1  # a weight that is not channels-last would be copied on every call
     assert small_map_conv.install(nn.Sequential(nn.ConvTranspose2d(4, 1, 4, 2, 1),
                                                 nn.ConvTranspose2d(2, 2, 3, groups=2),
                                                 nn.ConvTranspose2d(2, 2, 3, dilation=2))) == 0
