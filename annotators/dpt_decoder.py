@@ -92,10 +92,16 @@ def _upsampled_rows(x, first, last, out_h, out_w):
     return rows.view(wide.shape[0], last - first, out_w, wide.shape[-1]).permute(0, 3, 1, 2)
 
 
+def _is_upsampling_head(head) -> bool:
+    """A Sequential head: a layer, DPT's Interpolate, then a convolution."""
+    return (isinstance(head, torch.nn.Sequential) and len(head) > 2 and type(head[1]).__name__ == "Interpolate"
+            and isinstance(head[2], torch.nn.Conv2d))
+
+
 def _is_dpt_head(head) -> bool:
     """Conv 3x3, Interpolate(2x, bilinear, aligned corners), conv 3x3, then layers that work pixel by pixel,
     none of them hooked (Zoe reads the 32-channel activation through a hook: it must see the whole map)."""
-    if not (isinstance(head, torch.nn.Sequential) and len(head) > 3 and type(head[1]).__name__ == "Interpolate"):
+    if not (_is_upsampling_head(head) and len(head) > 3):
         return False
     interp, conv = head[1], head[2]
     pointwise = all(isinstance(m, (torch.nn.ReLU, torch.nn.Identity))
@@ -104,7 +110,7 @@ def _is_dpt_head(head) -> bool:
     hooked = any(m._forward_hooks or m._forward_pre_hooks for m in head.modules())
     return (getattr(interp, "scale_factor", None) == 2 and getattr(interp, "mode", None) == "bilinear"
             and getattr(interp, "align_corners", None) is True and isinstance(head[0], torch.nn.Conv2d)
-            and isinstance(conv, torch.nn.Conv2d) and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+            and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
             and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
             and conv.padding_mode == "zeros" and pointwise and not hooked)
 
@@ -135,8 +141,7 @@ def install(model, nchw: bool = True) -> int:
     if _is_dpt_head(head):
         head[2:].to(memory_format=torch.channels_last)
         head.__class__ = _BandedHead
-    elif isinstance(head, torch.nn.Sequential) and len(head) > 2 and type(head[1]).__name__ == "Interpolate" \
-            and isinstance(head[2], torch.nn.Conv2d):
+    elif _is_upsampling_head(head):  # hooked (Zoe's): whole, channels-last from the upsampling on
         head[2].to(memory_format=torch.channels_last)
         head[1] = torch.nn.Sequential(_ChannelsLast(), head[1])
     return len(blocks)
