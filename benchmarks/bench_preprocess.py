@@ -11,6 +11,11 @@ whose maps equal controlnet-aux's.
     python benchmarks/bench_preprocess.py --quick    # 2 photos, 1 round, 3 networks (well under 3 minutes)
     python benchmarks/bench_preprocess.py --heavy --images 2 --reps 1 --rounds 1   # + the large networks
     python benchmarks/bench_preprocess.py --only depth_zoe,mlsd                     # just these maps
+    python benchmarks/bench_preprocess.py --paired --only lineart_anime,mlsd        # both sides in one process
+
+--paired times both sides in one process per map, image by image in alternation, so a slow spell of a shared
+machine falls on both sides alike; it reports time ratios only (one process holds both networks, so its peak
+memory belongs to neither).
 """
 from __future__ import annotations
 
@@ -47,6 +52,7 @@ HEAVY_FILES = ["dpt_hybrid-midas-501f0c75.pt", "scannet.pt", "res101.pth", "late
                "body_pose_model.pth", "hand_pose_model.pth", "facenet.pth", "ZoeD_M12_N.pt"]
 NEURAL_ALL = {**NEURAL, **HEAVY}
 SIDES = ("ours", "aux", "ours-float32", "ours-batch")
+PAIRED = "paired"
 
 
 def _photos(count: int, size: int):
@@ -105,6 +111,43 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _ours_call(name: str, args):
+    from lib_controlnet import preprocess
+
+    return lambda im: preprocess.run(name, im, resolution=args.size, use_cache=False)
+
+
+def _aux_call(name: str, args):
+    import controlnet_aux  # the peer as its users import it
+
+    module, cls, kw = {**MODEL_FREE, **NEURAL_ALL}[name]
+    detector_class = getattr(controlnet_aux, cls)
+    detector = detector_class.from_pretrained(args.weights, **kw) if name in NEURAL_ALL else detector_class()
+    if name == "depth_leres":
+        detector.model.eval()  # controlnet-aux leaves it in training mode: compare the same computation
+    if name in ("lineart_standard", "softedge_teed"):  # no image_resolution argument
+        return lambda im: detector(im, detect_resolution=args.size, output_type="np")
+    return lambda im: detector(im, detect_resolution=args.size, image_resolution=args.size, output_type="np")
+
+
+def _time_paired(ours, aux, images, reps: int) -> tuple[float, float]:
+    """Best seconds per image for each side, timed image by image in alternation (the side that goes first
+    swaps every rep)."""
+    ours(images[0])
+    aux(images[0])
+    best = {"ours": float("inf"), "aux": float("inf")}
+    for rep in range(reps):
+        spent = {"ours": 0.0, "aux": 0.0}
+        order = [("ours", ours), ("aux", aux)]
+        for image in images:
+            for side, fn in order if rep % 2 == 0 else order[::-1]:
+                started = time.perf_counter()
+                fn(image)
+                spent[side] += time.perf_counter() - started
+        best = {side: min(best[side], spent[side] / len(images)) for side in best}
+    return best["ours"], best["aux"]
+
+
 def child(args) -> None:
     import lib_controlnet  # noqa: F401  (torchvision repair first, on both sides)
     from lib_controlnet.settings import update_settings
@@ -114,7 +157,11 @@ def child(args) -> None:
     images = _photos(args.images, args.size)
     names = args.names.split(",")
     result = {}
-    if args.side.startswith("ours"):
+    if args.side == PAIRED:
+        for name in names:
+            result[name], result[name + " (aux)"] = _time_paired(_ours_call(name, args), _aux_call(name, args),
+                                                                 images, args.reps)
+    elif args.side.startswith("ours"):
         from annotators import runtime
         from lib_controlnet import preprocess
 
@@ -124,33 +171,16 @@ def child(args) -> None:
                 continue
             _reset_peak()
             if args.side in ("ours", "ours-float32"):
-                result[name] = _time(lambda im, n=name: preprocess.run(n, im, resolution=args.size,
-                                                                       use_cache=False), images, args.reps)
+                result[name] = _time(_ours_call(name, args), images, args.reps)
             elif name in NEURAL_ALL:
                 result[name + " (batch)"] = _time_batch(
                     lambda n=name: preprocess.run_batch(n, images, resolution=args.size, batch_size=len(images)),
                     len(images), args.reps)
             result[name + " peak_mb"] = _peak_mb()
     else:
-        import controlnet_aux  # the peer as its users import it
-
         for name in names:
             _reset_peak()
-            module, cls, kw = {**MODEL_FREE, **NEURAL_ALL}[name]
-            detector_class = getattr(controlnet_aux, cls)
-            detector = detector_class.from_pretrained(args.weights, **kw) if name in NEURAL_ALL else detector_class()
-            if name == "depth_leres":
-                detector.model.eval()  # controlnet-aux leaves it in training mode: compare the same computation
-            if name == "lineart_standard":
-                def call(im, d=detector):
-                    return d(im, detect_resolution=args.size, output_type="np")
-            elif name == "softedge_teed":
-                def call(im, d=detector):
-                    return d(im, detect_resolution=args.size, output_type="np")
-            else:
-                def call(im, d=detector):
-                    return d(im, detect_resolution=args.size, image_resolution=args.size, output_type="np")
-            result[name] = _time(call, images, args.reps)
+            result[name] = _time(_aux_call(name, args), images, args.reps)
             result[name + " peak_mb"] = _peak_mb()
     print("RESULT " + json.dumps(result))
 
@@ -167,6 +197,15 @@ def _run_side(side: str, weights: Path, names, args) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
+def _print_paired(times: dict, names, rounds: int, args) -> None:
+    print(f"\npreprocessors at {args.size} px, {args.images} photos, both sides in one process, alternating image "
+          f"by image, best of {rounds} round(s) x {args.reps} rep(s)")
+    print(f"{'map':<22}{'ours s/map':>12}{'aux s/map':>12}{'ratio':>8}   target")
+    for name in names:
+        ours, aux = times[name], times[name + " (aux)"]
+        print(f"{name:<22}{ours:>12.4f}{aux:>12.4f}{aux / ours:>7.2f}x   >= {1.0 if name in MODEL_FREE else 1.3}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -176,7 +215,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--only", help="comma-separated maps to time (any of the above), e.g. depth_zoe")
-    parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--paired", action="store_true",
+                        help="both sides in one process per map, image by image in alternation (time ratios only)")
+    parser.add_argument("--child", choices=SIDES + (PAIRED,), help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
     parser.add_argument("--names", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -204,11 +245,13 @@ def main() -> None:
         files = ["ControlNetHED.pth", "table5_pidinet.pth", "sk_model.pth", "sk_model2.pth", "7_model.pth",
                  "netG.pth", "mlsd_large_512_fp32.pth"]
         random_weights.write(weights, files + (HEAVY_FILES if set(names) & set(HEAVY) else []))
-        best: dict[str, dict] = {side: {} for side in SIDES}
+        best: dict[str, dict] = {side: {} for side in SIDES + (PAIRED,)}
         from annotators.runtime import low_precision_dtype
 
         # where the default precision is float32 already, the float32 side would only time the same maps again
         sides = SIDES if low_precision_dtype() is not None else [s for s in SIDES if s != "ours-float32"]
+        if args.paired:
+            sides = [PAIRED]
         for _ in range(rounds):
             # one process per map and side: each map's peak memory is its own, not what earlier maps left behind
             for name in names:
@@ -220,6 +263,9 @@ def main() -> None:
                         best[side][key] = value if previous is None or isinstance(value, str) \
                             else min(previous, value)
 
+    if args.paired:
+        _print_paired(best[PAIRED], names, rounds, args)
+        return
     print(f"\npreprocessors at {args.size} px, {args.images} photos, best of {rounds} round(s) x {args.reps} rep(s), "
           f"torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}, default precision here: "
           f"{best['ours']['precision']}")
