@@ -119,6 +119,7 @@ def prepare(module, channels_last: bool = True):
     import torch
 
     from annotators import one_channel_conv, small_map_conv, winograd_conv  # import torch: only once prepared
+    from annotators.batchnorm_folding import fold_batchnorms
 
     module.eval().requires_grad_(False)
     fold_batchnorms(module)
@@ -130,24 +131,6 @@ def prepare(module, channels_last: bool = True):
     if channels_last:
         module.to(memory_format=torch.channels_last)
     return module
-
-
-def fold_batchnorms(module) -> None:
-    """Fold each eval-mode BatchNorm2d that directly follows a Conv2d in a Sequential into that convolution.
-
-    In eval mode a batch norm is a fixed per-channel affine map, so the folded convolution computes the same
-    thing in one pass instead of two (MobileNet-style networks such as M-LSD are full of these pairs).
-    """
-    from torch import nn
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    for sequential in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
-        children = list(sequential._modules.items())
-        for (conv_name, conv), (norm_name, norm) in zip(children, children[1:]):
-            if type(conv) is nn.Conv2d and type(norm) is nn.BatchNorm2d and norm.track_running_stats \
-                    and not norm.training:
-                sequential._modules[conv_name] = fuse_conv_bn_eval(conv, norm)
-                sequential._modules[norm_name] = nn.Identity()
 
 
 def activations_in_place(module) -> None:

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from annotators.runtime import fold_batchnorms, prepare
+from annotators.batchnorm_folding import fold_batchnorms
+from annotators.runtime import prepare
 from lib_controlnet import cpu_convolution
 from lib_controlnet.cpu_convolution import FastestKernelConv2d, use_fastest_kernels
 
@@ -116,6 +117,64 @@ def test_batch_norms_fold_into_their_convolutions_with_the_same_output():
     kinds = [type(m).__name__ for m in folded.modules()]
     assert kinds.count("BatchNorm2d") == 1 and kinds.count("Identity") == 2
     assert kinds.count("Conv2d") == 2  # annotators keep PyTorch's default kernel (reproducible maps)
+
+
+class _Block(nn.Module):
+    """A ResNet-style block: its convolutions and norms are attributes its forward calls in turn."""
+
+    def __init__(self, reuse_conv_output=False, shape_branch=False):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)
+        self.reuse_conv_output, self.shape_branch = reuse_conv_output, shape_branch
+
+    def forward(self, x):
+        if self.shape_branch and x.shape[-1] > 100:  # fx cannot trace a branch on a traced shape
+            return x
+        out = self.relu(self.bn1(self.conv1(x)))
+        features = self.conv2(out)
+        out = self.bn2(features)
+        return out + features if self.reuse_conv_output else out + x
+
+
+def _with_random_stats(net):
+    for norm in net.modules():
+        if isinstance(norm, nn.BatchNorm2d):
+            norm.running_mean.uniform_(-1, 1)
+            norm.running_var.uniform_(0.5, 2)
+            norm.weight.data.uniform_(0.5, 1.5)
+            norm.bias.data.uniform_(-0.5, 0.5)
+    return net.eval()
+
+
+@pytest.mark.parametrize("block, folds", [
+    (dict(), 2),
+    (dict(reuse_conv_output=True), 1),  # conv2's own output is used past its norm: that pair stays
+    (dict(shape_branch=True), 0),  # a forward fx cannot trace keeps its norms
+])
+def test_batch_norms_a_forward_calls_after_a_convolution_fold(block, folds):
+    torch.manual_seed(2)
+    net = _with_random_stats(nn.Sequential(_Block(**block), _Block(**block)))
+    x = torch.randn(2, 8, 10, 10)
+    with torch.no_grad():
+        expected = net(x)
+        folded = copy.deepcopy(net)
+        assert fold_batchnorms(folded) == 2 * folds
+        torch.testing.assert_close(folded(x), expected, atol=1e-5, rtol=1e-5)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) == 2 * (2 - folds)
+
+
+def test_a_convolution_shared_between_places_keeps_its_norm():
+    torch.manual_seed(3)
+    block = _with_random_stats(_Block())
+    net = nn.Sequential(block, nn.Sequential(block.conv1, nn.ReLU()))  # conv1 also runs without bn1
+    x = torch.randn(1, 8, 6, 6)
+    with torch.no_grad():
+        expected = net(x)
+        assert fold_batchnorms(net) == 1  # conv2 + bn2 only
+        torch.testing.assert_close(net(x), expected, atol=1e-5, rtol=1e-5)
+    assert isinstance(block.bn1, nn.BatchNorm2d) and isinstance(block.bn2, nn.Identity)
 
 
 def test_batch_norms_in_training_mode_are_left_alone():
