@@ -12,7 +12,7 @@ its norms.
 """
 from __future__ import annotations
 
-import torch
+import torch.fx
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
