@@ -12,24 +12,26 @@ its norms.
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import torch.fx
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 
 def fold_batchnorms(module: nn.Module) -> int:
     """Fold every such pair in `module` (the convolution takes the norm's place in the computation; the norm
     becomes an Identity); returns how many."""
-    uses: dict[int, int] = {}
-    for layer in module.modules(remove_duplicate=False):
-        uses[id(layer)] = uses.get(id(layer), 0) + 1
+    uses = Counter(map(id, module.modules(remove_duplicate=False)))
     count = 0
     for parent in list(module.modules()):
         pairs = _sequential_pairs(parent) if isinstance(parent, nn.Sequential) else _traced_pairs(parent)
         for conv_name, norm_name in pairs:
             conv, norm = parent._modules[conv_name], parent._modules[norm_name]
             if _foldable(conv, norm) and uses[id(conv)] == uses[id(norm)] == 1:  # a shared layer runs elsewhere too
-                parent._modules[conv_name] = fuse_conv_bn_eval(conv, norm)
+                # in place: fuse_conv_bn_eval deep-copies each convolution first (LeReS's folding: 0.67 -> 0.55 s)
+                conv.weight, conv.bias = fuse_conv_bn_weights(conv.weight, conv.bias, norm.running_mean,
+                                                              norm.running_var, norm.eps, norm.weight, norm.bias)
                 parent._modules[norm_name] = nn.Identity()
                 count += 1
     return count
@@ -66,13 +68,13 @@ def _traced_pairs(parent: nn.Module):
     except Exception:  # noqa: BLE001 - any forward fx cannot follow keeps its norms, whatever fx raised
         return []
     calls = [node for node in graph.nodes if node.op == "call_module"]
-    called = [node.target for node in calls]
+    called = Counter(node.target for node in calls)
     pairs = []
     for node in calls:
         users = list(node.users)
-        if node.target in children and called.count(node.target) == 1 and len(users) == 1:
+        if node.target in children and called[node.target] == 1 and len(users) == 1:
             (norm,) = users
-            if norm.op == "call_module" and norm.target in children and called.count(norm.target) == 1 \
+            if norm.op == "call_module" and norm.target in children and called[norm.target] == 1 \
                     and norm.args == (node,) and not norm.kwargs:
                 pairs.append((node.target, norm.target))
     return pairs
