@@ -120,7 +120,7 @@ def _ours_call(name: str, args):
 def _aux_call(name: str, args):
     import controlnet_aux  # the peer as its users import it
 
-    module, cls, kw = {**MODEL_FREE, **NEURAL_ALL}[name]
+    _, cls, kw = {**MODEL_FREE, **NEURAL_ALL}[name]
     detector_class = getattr(controlnet_aux, cls)
     detector = detector_class.from_pretrained(args.weights, **kw) if name in NEURAL_ALL else detector_class()
     if name == "depth_leres":
