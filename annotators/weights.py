@@ -2,8 +2,9 @@
 
 Search order for a file: <annotator dir>/<file>, <annotator dir>/<family>/<file> (the layout the other WebUI
 ControlNet extension's `annotator/downloads/<family>/` uses, so that folder can be copied or pointed at), then
-anywhere below the annotator dir. A missing file is a UserError naming the file and the folder. A download is
-tried only when settings.allow_annotator_downloads is on.
+anywhere below the annotator dir. A missing file is a UserError naming the file and the folder, and how to allow
+the download on the surface the user is on (DOWNLOAD_HINTS). A download is tried only when
+settings.allow_annotator_downloads is on.
 """
 from __future__ import annotations
 
@@ -17,6 +18,31 @@ from lib_controlnet.settings import get_settings
 
 class AnnotatorWeightsError(UserError):
     """A weight file an annotator needs is missing or unreadable."""
+
+
+# The command-line flag that turns settings.allow_annotator_downloads on (CLI commands and `serve` add it).
+DOWNLOAD_FLAG = "--allow-annotator-downloads"
+# How each surface lets its user allow downloads: the end of the missing-weights sentence.
+DOWNLOAD_HINTS = {
+    "webui": 'or turn on "Allow preprocessors to download missing weights" in Settings > ControlNet',
+    "cli": f"or run the command again with {DOWNLOAD_FLAG}",
+    "serve": f"or restart `python -m lib_controlnet serve` with {DOWNLOAD_FLAG}",
+    "python": "or call lib_controlnet.settings.update_settings(allow_annotator_downloads=True)",
+}
+_surface = "cli"
+
+
+def use_surface(name: str) -> None:
+    """Say which surface runs (the WebUI layer, `serve`, a CLI command, a Python caller) so that the
+    missing-weights sentence tells its user what they can do there."""
+    global _surface
+    if name not in DOWNLOAD_HINTS:
+        raise ValueError(f"unknown surface {name!r}; one of {', '.join(DOWNLOAD_HINTS)}")
+    _surface = name
+
+
+def download_hint() -> str:
+    return DOWNLOAD_HINTS[_surface]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,5 +122,5 @@ def find_weight(filename: str, label: str = "this preprocessor") -> Path:
     where = spec.repo + (f" ({spec.repo_path})" if spec.repo_path else "")
     raise AnnotatorWeightsError(
         f"The {label} preprocessor needs the weight file {spec.filename}: put it in {root} "
-        f"(it is published in {where} on Hugging Face), or allow annotator downloads in the settings."
+        f"(it is published in {where} on Hugging Face), {download_hint()}."
     )

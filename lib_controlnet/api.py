@@ -1,7 +1,9 @@
 """HTTP routes `/controlnet/*`, shared by the WebUI (mounted on its FastAPI app) and the standalone server.
 
-Paths and JSON shapes are those of the WebUI ControlNet API that existing clients already call. Every bad
-payload is answered 422 with a message that names the field; nothing a client sends can stop the server.
+Paths and JSON shapes are those of the WebUI ControlNet API that existing clients already call (the other WebUI
+ControlNet extension's last release; tests/test_api_compat.py holds its shapes and every place we differ). Every
+bad payload is answered 422 with a message that names the field, in the one error body every route answers
+(`error_body`); nothing a client sends can stop the server.
 """
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ import io
 import json
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from lib_controlnet.errors import UserError
@@ -20,8 +24,9 @@ from lib_controlnet.ui import catalog
 from lib_controlnet.unit import ControlUnit, ControlUnitError
 
 
-# The WebUI ControlNet API version clients check before using the routes below.
-API_VERSION = 2
+# The WebUI ControlNet API version clients check before using the routes below: what the other WebUI ControlNet
+# extension's last release (1.1.455) answers.
+API_VERSION = 3
 SCRIPT_TITLE = "ControlNet"
 
 
@@ -35,6 +40,41 @@ class PayloadError(UserError):
 
 def _unprocessable(error: Exception) -> HTTPException:
     return HTTPException(status_code=422, detail=str(error))
+
+
+def error_body(status_code: int, detail: Any) -> dict:
+    """THE error body of every route: the one the WebUI's API answers for an HTTPException (its
+    modules/api/api.py handle_exception), so a client reads `detail` alike from the WebUI's routes, ours inside
+    the WebUI, the 422 of a bad unit sent to the WebUI's txt2img, and the standalone server."""
+    error = HTTPException(status_code=status_code, detail=detail)
+    return {"error": type(error).__name__, "detail": detail, "body": "", "errors": str(error)}
+
+
+def error_response(status_code: int, detail: Any, headers: Optional[dict] = None) -> JSONResponse:
+    return JSONResponse(error_body(status_code, detail), status_code=status_code, headers=headers)
+
+
+def _validation_detail(error: RequestValidationError) -> str:
+    """pydantic's list of problems as one line naming each field by its path in the payload."""
+    parts = []
+    for problem in error.errors():
+        loc = [str(part) for part in problem.get("loc", ()) if part != "body"]
+        parts.append(f"{'.'.join(loc) or 'body'}: {problem.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """The standalone server answers errors as the WebUI does (inside the WebUI, the WebUI's own handlers do)."""
+
+    from starlette.exceptions import HTTPException as StarletteHTTPException  # also its 404/405s
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, error: StarletteHTTPException):
+        return error_response(error.status_code, error.detail, getattr(error, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, error: RequestValidationError):
+        return error_response(422, _validation_detail(error))
 
 
 # ---------------------------------------------------------------- images in and out
@@ -96,10 +136,36 @@ def validate_unit(unit: ControlUnit, where: str) -> ControlUnit:
         except UserError as error:
             raise PayloadError(f"{where}.model", str(error)) from None
     for value, field in _image_entries(unit.image, f"{where}.image") + _image_entries(unit.mask, f"{where}.mask"):
-        if not isinstance(value, str):
-            continue  # arrays and PIL images come from Python callers, not JSON
-        decode_image(value, field)
+        if isinstance(value, str):
+            decode_image(value, field)
+        elif value is not None and not _is_python_image(value):
+            # a JSON number, bool or object where an image belongs: name the field now, not at generation time
+            raise PayloadError(field, f"expected a base64-encoded image, got {_json_type(value)}")
+    if unit.processor_res != -1:  # ControlUnit checks the range too; this names the field in the payload
+        from lib_controlnet.preprocess import resolution_error
+
+        problem = resolution_error(unit.processor_res)
+        if problem:
+            raise PayloadError(f"{where}.processor_res", problem)
     return unit
+
+
+def _is_python_image(value: Any) -> bool:
+    """Arrays, PIL images and paths come from Python callers (panel, CLI, scripts), never from JSON."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    return isinstance(value, (np.ndarray, Image.Image, os.PathLike, bytes))
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    return {dict: "an object", list: "a list"}.get(type(value), type(value).__name__)
 
 
 def parse_units(args: Any, where: str) -> list[ControlUnit]:
@@ -142,14 +208,45 @@ def parse_alwayson_units(alwayson_scripts: Any) -> list[ControlUnit]:
 # ---------------------------------------------------------------- /controlnet/* routes
 
 
-class DetectRequest(BaseModel):
+@dataclasses.dataclass
+class DetectRequest:
+    """`POST /controlnet/detect`'s body. Read by `from_json` rather than by pydantic so that a field of the wrong
+    type is answered like every other bad field (422, the one error body, the field named)."""
+
     controlnet_module: str = "none"
-    controlnet_input_images: List[str] = Field(default_factory=list)
+    controlnet_input_images: List[str] = dataclasses.field(default_factory=list)
     controlnet_processor_res: int = -1
     controlnet_threshold_a: float = -1
     controlnet_threshold_b: float = -1
-    controlnet_masks: List[str] = Field(default_factory=list)
+    controlnet_masks: List[str] = dataclasses.field(default_factory=list)
     low_vram: bool = False
+
+    @classmethod
+    def from_json(cls, payload: Any) -> "DetectRequest":
+        import math
+
+        if not isinstance(payload, Mapping):
+            raise PayloadError("body", f"expected a JSON object, got {_json_type(payload)}")
+        request = cls()
+        for name in ("controlnet_module",):
+            if name in payload:
+                if not isinstance(payload[name], str):
+                    raise PayloadError(name, f"expected a string, got {_json_type(payload[name])}")
+                setattr(request, name, payload[name])
+        for name in ("controlnet_input_images", "controlnet_masks"):
+            if payload.get(name) is not None:
+                if not isinstance(payload[name], list):
+                    raise PayloadError(name, f"expected a list of base64 images, got {_json_type(payload[name])}")
+                setattr(request, name, list(payload[name]))
+        for name in ("controlnet_processor_res", "controlnet_threshold_a", "controlnet_threshold_b"):
+            if payload.get(name) is not None:
+                value = payload[name]
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    raise PayloadError(name, f"expected a number, got {_json_type(value)}")
+                setattr(request, name, value)
+        if "low_vram" in payload:
+            request.low_vram = bool(payload["low_vram"])
+        return request
 
 
 def _detect(request: DetectRequest) -> dict:
@@ -163,8 +260,10 @@ def _detect(request: DetectRequest) -> dict:
     if not request.controlnet_input_images:
         raise PayloadError("controlnet_input_images", "no image given")
     res = request.controlnet_processor_res
-    if res != -1 and not 64 <= res <= 4096:
-        raise PayloadError("controlnet_processor_res", f"must be -1 (default) or 64..4096, got {res}")
+    problem = preprocess.resolution_error(res)
+    if problem:
+        raise PayloadError("controlnet_processor_res", problem)
+    res = int(res)
     decoded = [decode_image(image, f"controlnet_input_images[{i}]")
                for i, image in enumerate(request.controlnet_input_images)]
     masks = [decode_image(mask, f"controlnet_masks[{i}]") for i, mask in enumerate(request.controlnet_masks)]
@@ -172,7 +271,7 @@ def _detect(request: DetectRequest) -> dict:
         raise PayloadError("controlnet_masks", f"give one mask per input image ({len(decoded)}), got {len(masks)}")
     threshold_a = None if request.controlnet_threshold_a == -1 else request.controlnet_threshold_a
     threshold_b = None if request.controlnet_threshold_b == -1 else request.controlnet_threshold_b
-    resolution = 512 if res == -1 else res
+    resolution = None if res == -1 else res  # None: the module's default
     is_pose = catalog.get_preprocessor(module).name.startswith("openpose")
     maps, poses = [], []
     for i, image in enumerate(decoded):
@@ -221,11 +320,17 @@ def register_routes(app: FastAPI) -> None:
     def settings():
         return {"control_net_unit_count": get_settings().unit_count}
 
-    # A plain `def`: FastAPI runs it in a worker thread, so a slow preprocessor never blocks other requests.
     @app.post("/controlnet/detect")
-    def detect(request: DetectRequest):
+    async def detect(request: Request):
+        from starlette.concurrency import run_in_threadpool
+
         try:
-            return _detect(request)
+            payload = json.loads(await request.body() or b"{}")
+        except ValueError:
+            raise HTTPException(status_code=422, detail="body: is not JSON") from None
+        try:
+            # in a worker thread, so a slow preprocessor never blocks other requests
+            return await run_in_threadpool(lambda: _detect(DetectRequest.from_json(payload)))
         except UserError as error:
             raise _unprocessable(error) from None
 
@@ -279,6 +384,11 @@ def job_from_txt2img(request: Txt2ImgRequest) -> GenerationJob:
     for name in ("width", "height"):
         if getattr(request, name) % 8:
             raise PayloadError(name, f"must be a multiple of 8, got {getattr(request, name)}")
+    from lib_controlnet.generate import seed_error  # the one seed rule, also the CLI's
+
+    problem = seed_error(request.seed)
+    if problem:
+        raise PayloadError("seed", problem)
     units = parse_alwayson_units(request.alwayson_scripts)
     return GenerationJob(prompt=request.prompt, negative_prompt=request.negative_prompt, steps=request.steps,
                          width=request.width, height=request.height, seed=request.seed,
@@ -286,7 +396,9 @@ def job_from_txt2img(request: Txt2ImgRequest) -> GenerationJob:
 
 
 def register_generation_routes(app: FastAPI, run: Callable[[GenerationJob], GenerationOutput]) -> None:
-    """`POST /sdapi/v1/txt2img` for the standalone server; inside the WebUI the WebUI answers that route."""
+    """`POST /sdapi/v1/txt2img` for the standalone server; inside the WebUI the WebUI answers that route.
+    Also gives the standalone server the WebUI's error body (`install_error_handlers`)."""
+    install_error_handlers(app)
 
     @app.post("/sdapi/v1/txt2img")
     def txt2img(request: Txt2ImgRequest):

@@ -29,6 +29,21 @@ SAMPLER_NAMES = {
 }
 
 
+# Seeds as torch's generators take them. The WebUI 1.10.1 seeds its noise with torch.Generator.manual_seed(seed)
+# and does not wrap seeds, so beyond this range it fails (HTTP 500); we refuse them with a sentence instead.
+# Negative seeds other than -1 are seeded as torch maps them, as in the WebUI.
+SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1
+
+
+def seed_error(seed) -> Optional[str]:
+    """Why `seed` cannot seed a generation (-1: random, for the callers that pick one), or None."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        return f"must be a whole number, got {seed!r}"
+    if not SEED_MIN <= int(seed) <= SEED_MAX:
+        return f"must be -1 (random) or a whole number from {SEED_MIN} to {SEED_MAX}, got {seed}"
+    return None
+
+
 @dataclasses.dataclass
 class GenerateRequest:
     base: str
@@ -55,6 +70,9 @@ class GenerateRequest:
                             f"{self.width}x{self.height}.")
         if self.batch_size < 1:
             raise UserError("--batch-size must be at least 1.")
+        problem = seed_error(self.seed)
+        if problem:
+            raise UserError(f"--seed {problem}.")
 
 
 @dataclasses.dataclass

@@ -32,20 +32,20 @@ class PreprocessorError(UserError):
 
 @dataclasses.dataclass(frozen=True)
 class Slider:
+    """One slider as the other WebUI ControlNet extension's API describes it: {name, value, min, max, step}."""
+
     name: str
     min: float
     max: float
     value: float
-    step: Optional[float] = None
+    step: float = 0.01  # that extension's default step where a slider names none
 
     def as_dict(self) -> dict:
-        out = {"name": self.name, "value": self.value, "min": self.min, "max": self.max}
-        if self.step is not None:
-            out["step"] = self.step
-        return out
+        return {"name": self.name, "value": self.value, "min": self.min, "max": self.max, "step": self.step}
 
 
-RESOLUTION = Slider("Preprocessor Resolution", 64, 2048, 512)
+# THE preprocessor resolution range: every surface (panel, API, CLI, unit payloads) checks against this one.
+RESOLUTION = Slider("Resolution", 64, 2048, 512, 8)
 REMOVE_NEAR = Slider("Remove Near %", 0, 100, 0, 0.1)
 REMOVE_BACKGROUND = Slider("Remove Background %", 0, 100, 0, 0.1)
 GAMMA = Slider("Gamma Correction", 0.1, 2.0, 1.0, 0.001)
@@ -67,6 +67,7 @@ class Preprocessor:
     tags: tuple[str, ...] = ()  # other control types it is offered under
     pad_multiple: int = 1  # networks whose strides need sides divisible by this
     aliases: tuple[str, ...] = ()
+    fixed_resolution: Optional[int] = None  # resized to this whatever the request says (no resolution slider)
 
     def names(self) -> tuple[str, ...]:
         return (self.name, self.label) + self.aliases
@@ -78,6 +79,23 @@ class Preprocessor:
             slots.pop()
         return [s.as_dict() if s else None for s in slots]
 
+    def api_sliders(self) -> list[dict]:
+        """module_detail's list: slider objects only, in the slots [resolution, threshold_a, threshold_b].
+
+        Clients of the other WebUI ControlNet extension map these by position onto processor_res, threshold_a
+        and threshold_b, and that extension lists a resolution slider first wherever thresholds follow (even for
+        tile and recolor, where it does nothing). So a threshold never moves into the resolution slot here: a
+        module without a resolution of its own shows the registry's resolution slider there, which it ignores.
+        """
+        thresholds = [self.threshold_a, self.threshold_b]
+        while thresholds and thresholds[-1] is None:
+            thresholds.pop()
+        if None in thresholds:
+            raise AssertionError(f"{self.name}: threshold_b without threshold_a cannot be listed by position")
+        if not thresholds:
+            return [self.resolution.as_dict()] if self.resolution else []
+        return [(self.resolution or RESOLUTION).as_dict()] + [s.as_dict() for s in thresholds]
+
     def function(self) -> AnnotatorFn:
         module_name, _, attr = self.target.partition(":")
         return getattr(importlib.import_module(module_name), attr)
@@ -88,13 +106,13 @@ def _p(name, label, control_type, target, **kw) -> Preprocessor:
 
 
 _E, _T, _C = "annotators.edges", "annotators.tile", "annotators.color"
-_LINE_TAGS = ("Canny", "Lineart", "Scribble/Sketch", "MLSD")
+_LINE_TAGS = ("Canny", "Lineart", "Scribble", "MLSD")
 
 REGISTRY: tuple[Preprocessor, ...] = (
     _p("none", "none", "All", f"{_T}:identity", resolution=None),
-    _p("invert", "invert (from white bg & black line)", "Lineart", f"{_E}:invert", tags=_LINE_TAGS),
+    _p("invert", "invert (from white bg & black line)", "Lineart", f"{_E}:invert", tags=_LINE_TAGS, resolution=None),
     _p("canny", "canny", "Canny", f"{_E}:canny",
-       threshold_a=Slider("Canny Low Threshold", 1, 255, 100), threshold_b=Slider("Canny High Threshold", 1, 255, 200)),
+       threshold_a=Slider("Low Threshold", 1, 255, 100, 1), threshold_b=Slider("High Threshold", 1, 255, 200, 1)),
     _p("depth", "depth_midas", "Depth", "annotators.depth:midas", model_free=False, pad_multiple=32),
     _p("depth_leres", "depth_leres", "Depth", "annotators.depth:leres", model_free=False, pad_multiple=64,
        threshold_a=REMOVE_NEAR, threshold_b=REMOVE_BACKGROUND),
@@ -120,24 +138,24 @@ REGISTRY: tuple[Preprocessor, ...] = (
        pad_multiple=8),
     _p("te_hed", "softedge_teed", "SoftEdge", "annotators.softedge:teed", model_free=False, pad_multiple=8,
        threshold_a=Slider("Safe Steps", 0, 10, 2, 1)),
-    _p("scribble_hed", "scribble_hed", "Scribble/Sketch", "annotators.softedge:scribble_hed", model_free=False),
-    _p("pidinet_scribble", "scribble_pidinet", "Scribble/Sketch", "annotators.softedge:scribble_pidinet",
+    _p("scribble_hed", "scribble_hed", "Scribble", "annotators.softedge:scribble_hed", model_free=False),
+    _p("pidinet_scribble", "scribble_pidinet", "Scribble", "annotators.softedge:scribble_pidinet",
        model_free=False, pad_multiple=8),
-    _p("scribble_xdog", "scribble_xdog", "Scribble/Sketch", f"{_E}:scribble_xdog",
-       threshold_a=Slider("XDoG Threshold", 1, 64, 32)),
+    _p("scribble_xdog", "scribble_xdog", "Scribble", f"{_E}:scribble_xdog",
+       threshold_a=Slider("XDoG Threshold", 1, 64, 32, 1)),
     _p("mlsd", "mlsd", "MLSD", "annotators.mlsd:mlsd", model_free=False,
        threshold_a=Slider("MLSD Value Threshold", 0.01, 2.0, 0.1, 0.01),
        threshold_b=Slider("MLSD Distance Threshold", 0.01, 20.0, 0.1, 0.01)),
     _p("segmentation", "seg_ufade20k", "Segmentation", "annotators.seg:upernet_ade20k", model_free=False,
        pad_multiple=32),
     _p("oneformer_ade20k", "seg_ofade20k", "Segmentation", "annotators.seg:oneformer_ade20k", model_free=False),
-    _p("shuffle", "shuffle", "Shuffle", "annotators.shuffle:shuffle"),
-    _p("tile_resample", "tile_resample", "Tile/Blur", f"{_T}:tile_resample", resolution=None,
+    _p("shuffle", "shuffle", "Shuffle", "annotators.shuffle:shuffle", resolution=None, fixed_resolution=512),
+    _p("tile_resample", "tile_resample", "Tile", f"{_T}:tile_resample", resolution=None,
        threshold_a=Slider("Down Sampling Rate", 1.0, 8.0, 1.0, 0.01)),
-    _p("tile_colorfix", "tile_colorfix", "Tile/Blur", f"{_T}:identity", resolution=None, threshold_a=VARIATION),
-    _p("tile_colorfix+sharp", "tile_colorfix+sharp", "Tile/Blur", f"{_T}:identity", resolution=None,
+    _p("tile_colorfix", "tile_colorfix", "Tile", f"{_T}:identity", resolution=None, threshold_a=VARIATION),
+    _p("tile_colorfix+sharp", "tile_colorfix+sharp", "Tile", f"{_T}:identity", resolution=None,
        threshold_a=VARIATION, threshold_b=Slider("Sharpness", 0.0, 2.0, 1.0, 0.01)),
-    _p("blur_gaussian", "blur_gaussian", "Tile/Blur", f"{_E}:blur_gaussian",
+    _p("blur_gaussian", "blur_gaussian", "Tile", f"{_E}:blur_gaussian",
        threshold_a=Slider("Sigma", 0.01, 64.0, 9.0)),
     _p("color", "t2ia_color_grid", "T2I-Adapter", f"{_C}:color_grid"),
     _p("recolor_luminance", "recolor_luminance", "Recolor", f"{_C}:recolor_luminance", resolution=None,
@@ -145,7 +163,7 @@ REGISTRY: tuple[Preprocessor, ...] = (
     _p("recolor_intensity", "recolor_intensity", "Recolor", f"{_C}:recolor_intensity", resolution=None,
        threshold_a=GAMMA),
     _p("threshold", "threshold", "All", f"{_E}:threshold",
-       threshold_a=Slider("Binarization Threshold", 0, 255, 127)),
+       threshold_a=Slider("Binarization Threshold", 0, 255, 127, 1)),
     _p("inpaint", "inpaint_global_harmonious", "Inpaint", "annotators.inpaint:inpaint", resolution=None),
     _p("inpaint_only", "inpaint_only", "Inpaint", "annotators.inpaint:inpaint", resolution=None),
 )
@@ -154,8 +172,8 @@ REGISTRY: tuple[Preprocessor, ...] = (
 CONTROL_TYPES: dict[str, str] = {
     "All": "none", "Canny": "canny", "Depth": "depth_midas", "NormalMap": "normal_bae",
     "OpenPose": "openpose_full", "MLSD": "mlsd", "Lineart": "lineart_standard (from white bg & black line)",
-    "SoftEdge": "softedge_pidinet", "Scribble/Sketch": "scribble_pidinet", "Segmentation": "seg_ofade20k",
-    "Shuffle": "shuffle", "Tile/Blur": "tile_resample", "Inpaint": "inpaint_only", "InstructP2P": "none",
+    "SoftEdge": "softedge_pidinet", "Scribble": "scribble_pidinet", "Segmentation": "seg_ofade20k",
+    "Shuffle": "shuffle", "Tile": "tile_resample", "Inpaint": "inpaint_only", "InstructP2P": "none",
     "Recolor": "recolor_luminance", "T2I-Adapter": "none",
 }
 
@@ -189,15 +207,18 @@ def module_detail(alias_names: bool = False) -> dict[str, dict]:
     out = {}
     for name in list_modules(alias_names):
         pre = get_preprocessor(name)
-        out[name] = {"model_free": False, "sliders": pre.sliders(), "control_type": pre.control_type,
+        # model_free, as that extension means it: runs without a ControlNet model (reference-only); none here do
+        out[name] = {"model_free": False, "sliders": pre.api_sliders(), "control_type": pre.control_type,
                      "needs_weights": not pre.model_free}
     return out
 
 
 def control_types() -> dict[str, dict]:
-    """Per control type: the preprocessor labels offered and the default one ("none" is offered everywhere)."""
+    """Per control type: the preprocessor labels offered and the default one ("none" is offered everywhere).
+    "All" first, then the types by name, as the other WebUI ControlNet extension orders them."""
     out = {}
-    for ctype, default in CONTROL_TYPES.items():
+    for ctype in ["All"] + sorted(t for t in CONTROL_TYPES if t != "All"):
+        default = CONTROL_TYPES[ctype]
         if ctype == "All":
             labels = list_modules(alias_names=True)
         else:
@@ -220,12 +241,26 @@ def pixel_perfect_resolution(image_hw: Sequence[int], target_w: int, target_h: i
         raise PreprocessorError("Pixel-perfect needs a non-empty image and target size.")
     k_h, k_w = float(target_h) / raw_h, float(target_w) / raw_w
     k = min(k_h, k_w) if mode is ResizeMode.OUTER_FIT else max(k_h, k_w)
-    return int(np.round(k * min(raw_h, raw_w)))
+    # within the one resolution range (reached only by targets beyond the WebUI's 2048 px sliders)
+    return int(min(max(np.round(k * min(raw_h, raw_w)), RESOLUTION.min), RESOLUTION.max))
 
 
 # ---------------------------------------------------------------- parameters
 
-MIN_RESOLUTION, MAX_RESOLUTION = 16, 8192
+MIN_RESOLUTION, MAX_RESOLUTION = int(RESOLUTION.min), int(RESOLUTION.max)
+
+
+def resolution_error(value: Any) -> Optional[str]:
+    """Why `value` is not a preprocessor resolution (-1 is "the default"), or None; every surface asks this."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return f"must be a number, got {value!r}"
+    if number == -1:
+        return None
+    if not MIN_RESOLUTION <= number <= MAX_RESOLUTION or number != int(number):  # (NaN fails the range)
+        return f"must be -1 (the default) or a whole number from {MIN_RESOLUTION} to {MAX_RESOLUTION}, got {value}"
+    return None
 
 
 def _value(slider: Optional[Slider], given: Optional[float], label: str) -> float:
@@ -244,15 +279,14 @@ def _value(slider: Optional[Slider], given: Optional[float], label: str) -> floa
 
 def make_params(pre: Preprocessor, resolution=None, threshold_a=None, threshold_b=None,
                 mask=None, seed: int = 0) -> Params:
-    res = pre.resolution.value if pre.resolution else 512
+    res = pre.resolution.value if pre.resolution else RESOLUTION.value
     if resolution is not None and resolution != -1:
-        try:
-            res = int(round(float(resolution)))
-        except (TypeError, ValueError):
-            raise PreprocessorError(f"The resolution must be a number, got {resolution!r}.") from None
-        if not MIN_RESOLUTION <= res <= MAX_RESOLUTION:
-            raise PreprocessorError(
-                f"The preprocessor resolution must be between {MIN_RESOLUTION} and {MAX_RESOLUTION}, got {resolution}.")
+        problem = resolution_error(resolution)
+        if problem:
+            raise PreprocessorError(f"The preprocessor resolution {problem}.")
+        res = int(float(resolution))
+    if pre.fixed_resolution:
+        res = pre.fixed_resolution
     return Params(resolution=int(res), threshold_a=_value(pre.threshold_a, threshold_a, "threshold_a"),
                   threshold_b=_value(pre.threshold_b, threshold_b, "threshold_b"), mask=mask, seed=int(seed))
 
@@ -315,7 +349,7 @@ def _as_rgb(image: Any) -> np.ndarray:
 
 def _prepare(pre: Preprocessor, img: np.ndarray, params: Params) -> tuple[np.ndarray, Params]:
     """Resize to the preprocessor resolution (mask alongside) before the annotator sees it."""
-    if pre.resolution is not None:
+    if pre.resolution is not None or pre.fixed_resolution:
         img = resize_short_side(img, params.resolution)
     if params.mask is not None and params.mask.shape[:2] != img.shape[:2]:
         params = dataclasses.replace(params, mask=images.resize(params.mask, img.shape[1], img.shape[0]))

@@ -129,8 +129,11 @@ class ControlUnit:
                 "guidance_start",
                 f"guidance_start ({self.guidance_start}) is after guidance_end ({self.guidance_end})",
             )
-        if self.processor_res != -1 and not 64 <= self.processor_res <= 4096:
-            raise ControlUnitError("processor_res", f"must be -1 (default) or 64..4096, got {self.processor_res}")
+        from lib_controlnet.preprocess import resolution_error  # the registry's range (imported late: it imports us)
+
+        problem = resolution_error(self.processor_res)
+        if problem:
+            raise ControlUnitError("processor_res", problem)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ControlUnit":

@@ -40,11 +40,18 @@ def test_detect_by_alias_and_inpaint_mask(photo, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--module", "nope"], "Unknown preprocessor 'nope'"),
-    (["--module", "canny", "--threshold-a", "999"], "Canny Low Threshold"),
-    (["--module", "softedge_hed", "--annotator-dir", "{tmp}"], "needs the weight file ControlNetHED.pth"),
+    (["--module", "canny", "--threshold-a", "999"], "Low Threshold (threshold_a) must be between 1 and 255"),
+    # the registry's one range, as module_list and /controlnet/detect state it
+    (["--module", "canny", "--res", "2049"], "resolution must be -1 (the default) or a whole number from 64 to 2048"),
+    (["--module", "canny", "--res", "16"], "from 64 to 2048, got 16"),
+    # the missing-weights sentence gives a CLI user the flag, not a settings page
+    (["--module", "softedge_hed", "--annotator-dir", "{tmp}"],
+     "needs the weight file ControlNetHED.pth: put it in {tmp} (it is published in lllyasviel/Annotators on "
+     "Hugging Face), or run the command again with --allow-annotator-downloads."),
 ])
 def test_detect_errors_are_one_line_exit_2(photo, tmp_path, capsys, argv, message):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    message = message.replace("{tmp}", str(tmp_path))
     from lib_controlnet.settings import get_settings, update_settings
 
     saved = get_settings().annotator_models_path
@@ -61,8 +68,10 @@ def test_detect_rejects_non_images_and_missing_files(tmp_path, capsys):
     text.write_text("hello")
     assert main(["detect", str(text), str(tmp_path / "o.png")]) == 2
     assert main(["detect", str(tmp_path / "missing.png"), str(tmp_path / "o.png")]) == 2
+    assert main(["detect", str(tmp_path), str(tmp_path / "o.png")]) == 2
     err = capsys.readouterr().err.splitlines()
     assert "not an image" in err[0] and "No such input image" in err[1]
+    assert err[2] == f"error: {tmp_path} is a folder; detect reads one image file (run it once per image)."
 
 
 def test_detect_list_from_a_real_process():
@@ -73,7 +82,7 @@ def test_detect_list_from_a_real_process():
     lines = done.stdout.splitlines()
     assert lines[0].startswith("none")
     canny = next(line for line in lines if line.startswith("canny"))
-    assert "Canny Low Threshold 1..255 (default 100)" in canny and "model-free" in canny
+    assert "Resolution 64..2048 (default 512), Low Threshold 1..255 (default 100)" in canny and "model-free" in canny
     assert any(line.startswith("depth_midas (= depth)") and "needs weights" in line for line in lines)
 
 

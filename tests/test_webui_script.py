@@ -290,10 +290,16 @@ def test_exception_and_interrupt_unhook(webui, txt2img_script, photo):
 
 
 def test_hires_fix_runs_both_passes(webui, txt2img_script, photo):
+    from lib_controlnet import preprocess
+
+    first_pass = preprocess.run("canny", photo, resolution=64)
     for option in ("Both", "Low res only", "High res only"):
         _, processed = _run(txt2img_script, _args(txt2img_script, **_canny_unit(photo, hr_option=option)),
                             enable_hr=True, hr_scale=2.0, batch_size=1)
-        assert processed.images[0].size == (128, 128)
+        # the result, the hires-size map, the first-pass map: the other extension's order, which clients index
+        assert [im.size for im in processed.images] == [(128, 128), (128, 128), (64, 64)]
+        np.testing.assert_array_equal(np.asarray(processed.images[2]), first_pass)
+        assert np.asarray(processed.images[1]).std() > 0
     assert _hooks(webui["unet"]) == 0
 
 
@@ -368,7 +374,7 @@ def test_same_images_where_the_webui_has_no_process_before_every_sampling(txt2im
     _, with_hook = _run(txt2img_script, args, enable_hr=True, batch_size=1)
     monkeypatch.setattr(scripts.ScriptRunner, "process_before_every_sampling", lambda self, p, **kwargs: None)
     _, without = _run(txt2img_script, args, enable_hr=True, batch_size=1)
-    assert len(without.images) == len(with_hook.images) == 2  # the image, then the detected map
+    assert len(without.images) == len(with_hook.images) == 3  # the image, then the hires and first-pass maps
     np.testing.assert_array_equal(_pixels(without.images[:1]), _pixels(with_hook.images[:1]))
 
 

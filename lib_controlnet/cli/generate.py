@@ -51,19 +51,24 @@ def register(subparsers) -> None:
                         help="module=canny,model=NAME|PATH,image=PATH[,weight=..,start=..,end=..,mode=..]")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--size", type=parse_size, default=(512, 512), help="WxH, e.g. 512x512")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="noise seed, as the WebUI takes it (default 0)")
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--out", required=True, help="output folder")
+    from lib_controlnet.cli.detect import add_download_flag
+
+    add_download_flag(parser)
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
     from diffusers.utils import logging as diffusers_logging
 
+    from lib_controlnet.cli.detect import apply_download_flag
     from lib_controlnet.generate import GenerateRequest, generate, write_outputs
 
     diffusers_logging.disable_progress_bar()
+    apply_download_flag(args)
 
     request = GenerateRequest(base=args.base, prompt=args.prompt, negative_prompt=args.negative_prompt,
                               units=[parse_unit(text) for text in args.unit], steps=args.steps, width=args.size[0], height=args.size[1],

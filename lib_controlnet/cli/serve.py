@@ -20,6 +20,9 @@ def register(subparsers) -> None:
     parser.add_argument("--unit-count", type=int, default=None, help="number of ControlNet units in the panel")
     parser.add_argument("--annotator-precision", choices=ANNOTATOR_PRECISIONS, default="auto",
                         help="preprocessor networks: auto (bfloat16 on CPUs with AMX), float32 or bfloat16")
+    from lib_controlnet.cli.detect import add_download_flag
+
+    add_download_flag(parser)
     parser.set_defaults(func=run)
 
 
@@ -50,6 +53,9 @@ def run(args: argparse.Namespace) -> int:
     if args.unit_count:
         changes["unit_count"] = args.unit_count
     update_settings(**changes)
+    from lib_controlnet.cli.detect import apply_download_flag
+
+    apply_download_flag(args, surface="serve")
     app = create_app(AppOptions(base=args.base, unit_count=args.unit_count))
     print(f"ControlNet Studio on http://{args.host}:{args.port}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -96,6 +96,10 @@ def _torch_load(path: Path):
     """torch.load that refuses anything but tensors and plain containers: a pickle that would run code fails."""
     unsafe = (f"{path.name} contains Python objects other than weights, so it was not loaded (loading it could run "
               "code); use a .safetensors version of this model.")
+    if _is_torchscript(path):
+        # torch.load would warn and hand it to torch.jit.load; a program is no weights file: refuse it first
+        raise ModelFileError(f"{path.name} is a TorchScript program, not a weights file, so it was not loaded "
+                             "(loading it could run code); use a .safetensors version of this model.")
     try:
         try:
             return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
@@ -110,6 +114,17 @@ def _torch_load(path: Path):
         if "Weights only load failed" in str(error):
             raise ModelFileError(unsafe) from None
         raise ModelFileError(f"{path.name} could not be read as a PyTorch weights file (truncated or corrupt).") from None
+
+
+def _is_torchscript(path: Path) -> bool:
+    """torch.jit.save archives are zip files holding `<name>/constants.pkl` (and code), which torch.save never writes."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as archive:
+            return any(name.split("/")[-1] == "constants.pkl" for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def _flatten_pickle(obj, path: Path) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:

@@ -58,7 +58,7 @@ class WebUIJob:
         self._prepared_for: Optional[int] = None
         self._stack: Optional[contextlib.ExitStack] = None
         self.controller = None
-        self.detected_maps: list = []  # (unit index, HxWx3 uint8) from the first pass of every batch
+        self.detected_maps: list = []  # (unit index, HxWx3 uint8 at the preprocessor's size), every batch
 
     # ------------------------------------------------------------------ preparing units
     def _units_for_batch(self, p) -> list[ControlUnit]:
@@ -96,6 +96,24 @@ class WebUIJob:
             for detected in (prepared.source if isinstance(prepared.source, list) else []):
                 self.detected_maps.append((plan.index, np.asarray(detected)))
         return self._prepared
+
+    def output_maps(self, p) -> list[tuple[int, np.ndarray]]:
+        """(unit index, map) as the job shows them after its images: each detected map brought to the size it
+        controls, as the unit's resize mode brings it there. A hires-fix job gives the hires-size map, then the
+        first-pass one, unit by unit: the other WebUI ControlNet extension's order, which its clients index."""
+        from lib_controlnet import images
+
+        sizes = [(self.width, self.height)]
+        if self.hires_fix:
+            hr_w = int(getattr(p, "hr_upscale_to_x", 0) or 0) or int(self.width * float(getattr(p, "hr_scale", 2)))
+            hr_h = int(getattr(p, "hr_upscale_to_y", 0) or 0) or int(self.height * float(getattr(p, "hr_scale", 2)))
+            sizes.insert(0, (hr_w, hr_h))
+        units = {plan.index: plan.unit for plan in self.plans}
+        out = []
+        for index, detected in self.detected_maps:
+            for width, height in sizes:
+                out.append((index, images.resize_to_target(detected, width, height, units[index].resize_mode)))
+        return out
 
     # ------------------------------------------------------------------ hooking
     def begin_sampling(self, p, hires: bool = False) -> None:

@@ -123,7 +123,7 @@ class Lifecycle:
         wanted = {plan.index: plan.unit for plan in job.plans}
         folder = Path(cfg.detected_maps_dir)
         number = _next_file_number(folder) if cfg.save_detected_maps else 0
-        for n, (index, detected) in enumerate(job.detected_maps):
+        for n, (index, detected) in enumerate(job.output_maps(p)):
             unit = wanted.get(index)
             if unit is None:
                 continue

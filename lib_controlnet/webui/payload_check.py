@@ -51,7 +51,8 @@ class AlwaysOnPayloadCheck:
         if error is not None:
             from starlette.responses import JSONResponse
 
-            await JSONResponse({"detail": error}, status_code=422)(scope, receive, send)
+            # the WebUI's own error body, as its routes and ours answer (api.error_body)
+            await JSONResponse(api.error_body(422, error), status_code=422)(scope, receive, send)
             return
 
         async def replay():

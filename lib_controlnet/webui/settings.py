@@ -74,6 +74,9 @@ def sync() -> cnet_settings.Settings:
     if pre_cache is None:
         pre_cache = _opt(opts, "control_net_preprocessor_cache_size", defaults.preprocessor_cache_size)
     maps_dir = _opt(opts, "control_net_detected_maps_dir", "")
+    from annotators import weights
+
+    weights.use_surface("webui")  # the missing-weights sentence points at this settings section
     return cnet_settings.update_settings(
         model_dirs=list(dict.fromkeys(model_dirs)),
         annotator_models_path=Path(annotator) if annotator else defaults.annotator_models_path,
