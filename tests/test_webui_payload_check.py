@@ -100,13 +100,16 @@ def _post(webui_app, path, unit_change, **extra):
     ({"model": "no_such_model"}, "model"),
     ({"image": "%%% not base64"}, "image"),
     ({"weight": "abc"}, "weight"),
+    ({"image": {"image": 5}}, "image.image"),
 ])
 def test_bad_units_answer_422_before_the_job(webui_app, change, field):
     before = len(webui_app["reached"])
     for path in ("/sdapi/v1/txt2img", "/sdapi/v1/img2img"):
         response = _post(webui_app, path, change)
         assert response.status_code == 422, response.text
-        assert f"alwayson_scripts.controlnet.args[0].{field}" in response.json()["detail"]
+        body = response.json()
+        assert set(body) == {"error", "detail", "body", "errors"}  # the error body the WebUI's routes answer
+        assert body["detail"].startswith(f"alwayson_scripts.controlnet.args[0].{field}:")
     assert len(webui_app["reached"]) == before
 
 
@@ -125,4 +128,4 @@ def test_other_routes_and_non_json_bodies_pass_through(webui_app):
                   headers={"Content-Type": "application/json"}, timeout=60)
     assert webui_app["reached"][-1] == b"not json"
     assert len([m for m in webui_app["app"].user_middleware if m.cls.__name__ == "AlwaysOnPayloadCheck"]) == 1
-    assert requests.get(webui_app["url"] + "/controlnet/version", timeout=60).json() == {"version": 2}
+    assert requests.get(webui_app["url"] + "/controlnet/version", timeout=60).json() == {"version": 3}
