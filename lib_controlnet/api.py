@@ -141,13 +141,7 @@ def validate_unit(unit: ControlUnit, where: str) -> ControlUnit:
         elif value is not None and not _is_python_image(value):
             # a JSON number, bool or object where an image belongs: name the field now, not at generation time
             raise PayloadError(field, f"expected a base64-encoded image, got {_json_type(value)}")
-    if unit.processor_res != -1:  # ControlUnit checks the range too; this names the field in the payload
-        from lib_controlnet.preprocess import resolution_error
-
-        problem = resolution_error(unit.processor_res)
-        if problem:
-            raise PayloadError(f"{where}.processor_res", problem)
-    return unit
+    return unit  # (processor_res: ControlUnit checks it against the registry's range)
 
 
 def _is_python_image(value: Any) -> bool:
