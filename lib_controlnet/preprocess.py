@@ -110,7 +110,8 @@ _LINE_TAGS = ("Canny", "Lineart", "Scribble", "MLSD")
 
 REGISTRY: tuple[Preprocessor, ...] = (
     _p("none", "none", "All", f"{_T}:identity", resolution=None),
-    _p("invert", "invert (from white bg & black line)", "Lineart", f"{_E}:invert", tags=_LINE_TAGS, resolution=None),
+    _p("invert", "invert (from white bg & black line)", "Lineart", f"{_E}:invert", tags=_LINE_TAGS,
+       resolution=None),
     _p("canny", "canny", "Canny", f"{_E}:canny",
        threshold_a=Slider("Low Threshold", 1, 255, 100, 1), threshold_b=Slider("High Threshold", 1, 255, 200, 1)),
     _p("depth", "depth_midas", "Depth", "annotators.depth:midas", model_free=False, pad_multiple=32),

@@ -173,7 +173,8 @@ def test_settings_section_and_mirror(webui):
     assert settings.sync().annotator_precision == "auto"
     from annotators import weights  # a missing weight file points WebUI users at this settings section
 
-    assert weights.download_hint().endswith('"Allow preprocessors to download missing weights" in Settings > ControlNet')
+    assert weights.download_hint().endswith('"Allow preprocessors to download missing weights" in Settings > '
+                                            'ControlNet')
     shared.cmd_opts.controlnet_dir = str(webui["root"] / "extra")
     settings.sync()
     assert Path(webui["root"] / "extra") in get_settings().model_dirs

@@ -117,7 +117,7 @@ def _torch_load(path: Path):
 
 
 def _is_torchscript(path: Path) -> bool:
-    """torch.jit.save archives are zip files holding `<name>/constants.pkl` (and code), which torch.save never writes."""
+    """torch.jit.save archives are zip files holding `<name>/constants.pkl` (and code); torch.save never writes one."""
     try:
         if not zipfile.is_zipfile(path):
             return False
