@@ -110,16 +110,39 @@ def _download(spec: WeightFile, root: Path) -> Path:
         ) from None
 
 
+PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
+_checked: set = set()  # (path, size, mtime) of pickles seen to hold only weights
+
+
+def _only_weights(path: Path, spec: WeightFile, where: str) -> Path:
+    """controlnet-aux unpickles these files with its own torch.load, which runs any code a pickle holds where torch
+    is older than 2.6 (the WebUI's venv): look first, with loading restricted to tensors, once per file version."""
+    if path.suffix.lower() not in PICKLE_SUFFIXES or not path.is_file():
+        return path
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _checked:
+        from lib_controlnet.models import ModelFileError, check_pickled_weights
+
+        try:
+            check_pickled_weights(path, advice=f"replace {path} with the {spec.filename} published in {where} "
+                                               "on Hugging Face")
+        except ModelFileError as error:
+            raise AnnotatorWeightsError(str(error)) from None
+        _checked.add(key)
+    return path
+
+
 def find_weight(filename: str, label: str = "this preprocessor") -> Path:
     """The path of a weight file (or model folder), or an AnnotatorWeightsError saying where to put it."""
     spec = WEIGHTS.get(filename) or WeightFile(filename, "")
     root = annotator_dir()
+    where = spec.repo + (f" ({spec.repo_path})" if spec.repo_path else "")
     found = _search(root, spec)
     if found is not None:
-        return found
+        return _only_weights(found, spec, where)
     if get_settings().allow_annotator_downloads:
-        return _download(spec, root)
-    where = spec.repo + (f" ({spec.repo_path})" if spec.repo_path else "")
+        return _only_weights(_download(spec, root), spec, where)
     raise AnnotatorWeightsError(
         f"The {label} preprocessor needs the weight file {spec.filename}: put it in {root} "
         f"(it is published in {where} on Hugging Face), {download_hint()}."

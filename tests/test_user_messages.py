@@ -65,3 +65,38 @@ def test_a_torchscript_pth_is_refused_without_a_torch_warning(tmp_path, capsys):
     assert capsys.readouterr().err == (
         "error: control_v11p_sd15_canny.pth is a TorchScript program, not a weights file, so it was not loaded "
         "(loading it could run code); use a .safetensors version of this model.\n")
+
+
+class _OpensAFile:
+    """Unpickling this calls open(path, "w"): a pickle that runs code, harmlessly visible."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_an_annotator_pickle_that_runs_code_is_refused_before_it_is_loaded(tmp_path, capsys):
+    """controlnet-aux unpickles annotator files itself (unrestricted on the WebUI's torch 2.1): ours looks first."""
+    marker = tmp_path / "code-ran"
+    weights_dir = tmp_path / "annotators"
+    weights_dir.mkdir()
+    torch.save({"weight": torch.zeros(2), "payload": _OpensAFile(marker)}, weights_dir / "ControlNetHED.pth")
+    photo = tmp_path / "in.png"
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), "white").save(photo)
+    from lib_controlnet.settings import get_settings, update_settings
+
+    saved = get_settings().annotator_models_path
+    try:
+        code = main(["detect", "--module", "softedge_hed", "--annotator-dir", str(weights_dir), str(photo),
+                     str(tmp_path / "out.png")])
+    finally:
+        update_settings(annotator_models_path=saved)
+    assert code == 2 and not marker.exists()
+    assert capsys.readouterr().err == (
+        "error: ControlNetHED.pth contains Python objects other than weights, so it was not loaded (loading it "
+        f"could run code); replace {weights_dir / 'ControlNetHED.pth'} with the ControlNetHED.pth published in "
+        "lllyasviel/Annotators on Hugging Face.\n")

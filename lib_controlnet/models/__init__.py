@@ -14,6 +14,7 @@ from lib_controlnet.models.controlnet_loader import load_controlnet, parse_dtype
 from lib_controlnet.models.errors import ModelFileError, ModelNotFoundError
 from lib_controlnet.models.export import save_controlnet_diffusers, save_controlnet_ldm
 from lib_controlnet.models.formats import ModelInfo, inspect_model
+from lib_controlnet.models.loading import check_pickled_weights
 from lib_controlnet.models.keymap import diffusers_to_ldm, ldm_to_diffusers, unet_diffusers_to_ldm, unet_ldm_to_diffusers
 from lib_controlnet.models.registry import ModelRegistry, get_registry, legacy_short_hash
 
@@ -21,5 +22,5 @@ __all__ = [
     "ModelFileError", "ModelNotFoundError", "ModelInfo", "ModelRegistry", "inspect_model", "load_controlnet",
     "get_controlnet", "get_cache", "resolve", "parse_dtype", "ldm_to_diffusers", "diffusers_to_ldm",
     "unet_ldm_to_diffusers", "unet_diffusers_to_ldm", "save_controlnet_ldm", "save_controlnet_diffusers",
-    "get_registry", "legacy_short_hash",
+    "get_registry", "legacy_short_hash", "check_pickled_weights",
 ]

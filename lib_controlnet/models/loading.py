@@ -11,6 +11,7 @@ import pickle
 import struct
 import zipfile
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -92,14 +93,18 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------- pickles
-def _torch_load(path: Path):
-    """torch.load that refuses anything but tensors and plain containers: a pickle that would run code fails."""
+def _torch_load(path: Path, advice: Optional[str] = None):
+    """torch.load that refuses anything but tensors and plain containers: a pickle that would run code fails.
+    `advice` ends the refusal (default: use a .safetensors version)."""
+    corrupt = f"{path.name} could not be read as a PyTorch weights file (truncated or corrupt)"
+    corrupt += f"; {advice}." if advice else "."
+    advice = advice or "use a .safetensors version of this model"
     unsafe = (f"{path.name} contains Python objects other than weights, so it was not loaded (loading it could run "
-              "code); use a .safetensors version of this model.")
+              f"code); {advice}.")
     if _is_torchscript(path):
         # torch.load would warn and hand it to torch.jit.load; a program is no weights file: refuse it first
         raise ModelFileError(f"{path.name} is a TorchScript program, not a weights file, so it was not loaded "
-                             "(loading it could run code); use a .safetensors version of this model.")
+                             f"(loading it could run code); {advice}.")
     try:
         try:
             return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
@@ -113,7 +118,15 @@ def _torch_load(path: Path):
     except (EOFError, zipfile.BadZipFile, RuntimeError, ValueError, struct.error, OSError, UnicodeDecodeError) as error:
         if "Weights only load failed" in str(error):
             raise ModelFileError(unsafe) from None
-        raise ModelFileError(f"{path.name} could not be read as a PyTorch weights file (truncated or corrupt).") from None
+        raise ModelFileError(corrupt) from None
+
+
+def check_pickled_weights(path: Path, advice: str) -> None:
+    """A ModelFileError (ending in `advice`) unless the pickle at `path` holds only tensors and plain containers.
+    For files other code loads with its own torch.load (controlnet-aux's annotators: unrestricted where torch is
+    older than 2.6, as in the WebUI's venv). Memory-mapped where the format allows, so the tensors are not read."""
+    _check_file(path)
+    _torch_load(path, advice)
 
 
 def _is_torchscript(path: Path) -> bool:
