@@ -39,8 +39,8 @@ def test_missing_weights_sentence_names_what_each_surface_offers(surface, tmp_pa
     assert "in the settings" not in str(info.value) or name == "webui"
 
 
-@pytest.mark.parametrize("command", [["serve"], ["detect", "--list"], ["generate", "--base", "b", "--prompt", "p",
-                                                                     "--out", "o"]])
+@pytest.mark.parametrize("command", [["serve"], ["detect", "--list"], ["dataset", "build"],
+                                     ["generate", "--base", "b", "--prompt", "p", "--out", "o"]])
 def test_the_flag_the_sentence_names_exists(command):
     assert build_parser().parse_args(command + ["--allow-annotator-downloads"]).allow_annotator_downloads
 

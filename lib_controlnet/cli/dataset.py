@@ -17,6 +17,9 @@ def register(subparsers) -> None:
     from lib_controlnet.dataset.config import add_cli_arguments
 
     add_cli_arguments(build)
+    from lib_controlnet.cli.detect import add_download_flag
+
+    add_download_flag(build)  # the flag the missing-weights sentence names
     build.set_defaults(func=_build)
 
     info = actions.add_parser("info", help="rows, columns, failures and build state of a dataset folder")
@@ -48,6 +51,9 @@ def _build(args) -> int:
     from lib_controlnet.dataset.config import config_from_args
     from lib_controlnet.dataset.job import run_build
 
+    from lib_controlnet.cli.detect import apply_download_flag
+
+    apply_download_flag(args)
     config = config_from_args(args)
     cancel = threading.Event()
     manifest = run_build(config, progress=None if args.quiet else _Printer(), cancel=cancel)

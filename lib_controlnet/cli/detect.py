@@ -15,6 +15,8 @@ def add_download_flag(parser) -> None:
     runs preprocessors."""
     from annotators.weights import DOWNLOAD_FLAG
 
+    if DOWNLOAD_FLAG in parser._option_string_actions:  # a command whose own options already have it
+        return
     parser.add_argument(DOWNLOAD_FLAG, dest="allow_annotator_downloads", action="store_true",
                         help="download missing preprocessor weights from Hugging Face (default: off, use local files)")
 
