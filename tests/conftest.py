@@ -1,10 +1,25 @@
-"""Test-wide set-up: offline, no telemetry, and the torchvision repair before anything imports torchvision."""
+"""Test-wide set-up: offline, no telemetry, caches in a session folder, and the torchvision repair before
+anything imports torchvision."""
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("DISABLE_TELEMETRY", "1")
+
+# Every cache a test could fill (datasets' Arrow cache, the hub, torch hub, anything following XDG) points into
+# one folder of this session, set before those libraries read the variables at import. Set, not setdefault: a
+# user's own HF_HOME must never receive test rows (a stale cached dataset is how issue 17 item 2 showed up).
+_CACHE_ROOT = tempfile.mkdtemp(prefix="controlnet-studio-tests-")
+atexit.register(shutil.rmtree, _CACHE_ROOT, True)
+os.environ["HF_HOME"] = os.path.join(_CACHE_ROOT, "hf")
+os.environ["HF_DATASETS_CACHE"] = os.path.join(_CACHE_ROOT, "hf", "datasets")
+os.environ["HF_HUB_CACHE"] = os.path.join(_CACHE_ROOT, "hf", "hub")
+os.environ["TORCH_HOME"] = os.path.join(_CACHE_ROOT, "torch")
+os.environ["XDG_CACHE_HOME"] = os.path.join(_CACHE_ROOT, "xdg")
 
 import lib_controlnet  # noqa: E402,F401  (repairs torchvision where needed)

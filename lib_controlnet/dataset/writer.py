@@ -3,8 +3,17 @@
 Layout of DIR (what `datasets.load_dataset(DIR, split="train")`, the Train tab and diffusers'
 `train_controlnet.py --train_data_dir DIR` read):
 
-    DIR/README.md                   dataset card; its YAML `configs` points the "train" split at data/*.parquet
-    DIR/data/train-*.parquet        one shard per download shard (names sort in sample order)
+    DIR/README.md                   dataset card; its YAML `configs` lists the "train" split's files by name
+    DIR/data/train-<shard>-<sha>.parquet  one file per download shard (names sort in sample order); <sha> is
+                                    the first 16 hex digits of the file's SHA-256
+
+Why the names carry a content hash and the card lists them one by one: with a `configs: data_files:` block,
+`datasets.load_dataset(DIR)` (and so diffusers' `train_controlnet.py --train_data_dir DIR`) fingerprints its
+cache from the card's patterns and the folder's name only: it hashes the builder configs before it resolves
+their patterns into files (datasets 5.0.1, load.py LocalDatasetModuleFactory and builder.py
+_create_builder_config). With a glob there, a rebuilt folder, or another folder of the same name, reads the
+rows cached from the first build. Listed names that change with the bytes make that fingerprint follow the
+content, and the same content keeps its cache.
     DIR/preview/                    a few `<key>_image.<ext>` / `<key>_conditioning.png` pairs to look at
     DIR/manifest.json               config, counts and per-stage timings of the build
     DIR/failures.jsonl              one {"key", "url", "stage", "reason"} line per sample that was dropped
@@ -40,14 +49,7 @@ MANIFEST = "manifest.json"
 FAILURES = "failures.jsonl"
 WORK_DIR = ".build"
 
-DATASET_CARD = """---
-configs:
-- config_name: default
-  data_files:
-  - split: train
-    path: data/train-*.parquet
----
-# ControlNet training dataset
+CARD_BODY = """# ControlNet training dataset
 
 Built by ControlNet Studio. Columns: `image` and `conditioning_image` (Image features), `text` (caption),
 plus `source_caption`, `generated_caption`, `url`, `similarity`, `width`, `height`, `source`, `key`.
@@ -93,9 +95,16 @@ def dataset_features():
     )
 
 
-def shard_path(out_dir: Path, shard: int | str) -> Path:
-    name = f"{shard:05d}" if isinstance(shard, int) else shard
-    return Path(out_dir) / DATA_DIR / f"train-{name}.parquet"
+DIGEST_CHARS = 16
+
+
+def _shard_name(shard: int | str) -> str:
+    return f"{shard:05d}" if isinstance(shard, int) else shard
+
+
+def shard_files(out_dir: Path, shard: int | str) -> list[Path]:
+    """The files written for one shard (one, or none; more only if a run died between rename and clean-up)."""
+    return sorted((Path(out_dir) / DATA_DIR).glob(f"train-{_shard_name(shard)}-{'[0-9a-f]' * DIGEST_CHARS}.parquet"))
 
 
 def samples_to_table(samples: Sequence[Sample]):
@@ -121,11 +130,20 @@ def samples_to_table(samples: Sequence[Sample]):
 def write_shard(out_dir: Path, shard: int | str, samples: Sequence[Sample]) -> Path | None:
     """Write one shard atomically; rewriting the same shard replaces it (so a resumed job never duplicates).
     A shard with no samples writes no file."""
-    path = shard_path(out_dir, shard)
-    if not samples:
-        path.unlink(missing_ok=True)
-        return None
-    return atomic_write_table(path, samples_to_table(samples))
+    import hashlib
+    import os
+
+    previous = shard_files(out_dir, shard)
+    path = None
+    if samples:
+        staged = atomic_write_table(Path(out_dir) / DATA_DIR / f".train-{_shard_name(shard)}.staged", samples_to_table(samples))
+        digest = hashlib.sha256(staged.read_bytes()).hexdigest()[:DIGEST_CHARS]
+        path = staged.with_name(f"train-{_shard_name(shard)}-{digest}.parquet")
+        os.replace(staged, path)
+    for old in previous:
+        if old != path:
+            old.unlink(missing_ok=True)
+    return path
 
 
 def write_preview(out_dir: Path, samples: Iterable[Sample], limit: int) -> list[Path]:
@@ -153,8 +171,17 @@ def preview_pairs(out_dir: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
+def dataset_card(files: Sequence[str]) -> str:
+    """The README.md: YAML front matter naming every data file (see the module docstring for why not a glob)."""
+    import yaml
+
+    front = {"configs": [{"config_name": "default", "data_files": [{"split": "train", "path": list(files)}]}]}
+    return "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n" + CARD_BODY
+
+
 def write_card(out_dir: Path) -> Path:
-    return atomic_write_text(Path(out_dir) / "README.md", DATASET_CARD)
+    out_dir = Path(out_dir)
+    return atomic_write_text(out_dir / "README.md", dataset_card([p.relative_to(out_dir).as_posix() for p in data_files(out_dir)]))
 
 
 def write_manifest(out_dir: Path, manifest: dict) -> Path:
