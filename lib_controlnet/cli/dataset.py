@@ -13,7 +13,9 @@ def register(subparsers) -> None:
 
     build = actions.add_parser("build", help="build (or resume) a dataset; every option also reads from --config")
     build.add_argument("--config", help="YAML or JSON file with BuildConfig options; flags override it")
-    build.add_argument("--quiet", action="store_true", help="no progress lines")
+    build.add_argument("--quiet", action="store_true", help="no progress lines (default: off)")
+    build.add_argument("--annotator-dir", default=None,
+                       help="folder holding preprocessor weight files (default: the extension's models/annotators)")
     from lib_controlnet.dataset.config import add_cli_arguments
 
     add_cli_arguments(build)
@@ -55,6 +57,12 @@ def _build(args) -> int:
 
     apply_download_flag(args)
     config = config_from_args(args)
+    if args.annotator_dir:
+        from pathlib import Path
+
+        from lib_controlnet.settings import update_settings
+
+        update_settings(annotator_models_path=Path(args.annotator_dir).expanduser().resolve())
     cancel = threading.Event()
     manifest = run_build(config, progress=None if args.quiet else _Printer(), cancel=cancel)
     counts = manifest["counts"]

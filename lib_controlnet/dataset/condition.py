@@ -37,6 +37,7 @@ def fit_to(map_: np.ndarray, height: int, width: int) -> np.ndarray:
 def condition_rows(rows: list[dict], config, batch_size: int = 8,
                    on_batch: Optional[Callable[[int], None]] = None) -> tuple[list[dict], list[dict]]:
     """rows: {key, url, image bytes} -> ([{key, conditioning_image PNG bytes}], failures)."""
+    from annotators.weights import AnnotatorWeightsError
     from lib_controlnet import preprocess
 
     resolution = config.module_resolution or config.image_size
@@ -54,8 +55,8 @@ def condition_rows(rows: list[dict], config, batch_size: int = 8,
             maps = preprocess.run_batch(config.module, arrays, resolution=resolution, threshold_a=config.threshold_a,
                                         threshold_b=config.threshold_b, batch_size=batch_size)
             pairs = list(zip(kept, arrays, maps))
-        except preprocess.PreprocessorError:
-            raise  # wrong module name or parameters: the user must fix the config, every sample would fail
+        except (preprocess.PreprocessorError, AnnotatorWeightsError):
+            raise  # wrong module, parameters or a missing weight file: every sample would fail the same way
         except Exception:  # find the one bad image instead of dropping the batch
             pairs = []
             for row, array in zip(kept, arrays):

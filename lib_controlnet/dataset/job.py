@@ -4,6 +4,12 @@ Every stage writes its output atomically (files.py), shard by shard, and a `done
 under DIR/.build/. A rerun after SIGKILL, a crash or cancel skips what is done and redoes only the unfinished
 shard; outputs are keyed by img2dataset's deterministic sample keys, so nothing is lost or written twice.
 A lock file keeps two builds out of the same folder.
+
+What is never marked done: a stage that kept none of its samples. Every sample failing at once means a cause
+outside the samples (a missing weight file, no network, an unreadable folder), so the stage's outputs are
+removed and the build fails with the first reason; a rerun after the cause is gone redoes the stage. Before
+anything is downloaded the chosen preprocessor is run once on a small probe image, so missing weights stop the
+build with their own sentence instead of costing a download.
 """
 from __future__ import annotations
 
@@ -68,6 +74,14 @@ class BuildLocked(UserError):
     """Another build is writing into the same folder."""
 
 
+class StageFailed(UserError):
+    """A stage kept none of its samples; nothing of it is kept, so a rerun redoes it."""
+
+
+# Stages that pass samples on: each must keep at least one, or the build has failed.
+SAMPLE_STAGES = ("download", "caption", "condition", "write")
+
+
 class BuildJob:
     def __init__(self, config: BuildConfig, progress: Optional[Callable[[Progress], None]] = None, cancel=None):
         config.require_runnable()
@@ -111,9 +125,56 @@ class BuildJob:
         start = time.monotonic()
         record = body(tracker) or {}
         record["seconds"] = round(time.monotonic() - start, 3)
+        if name in SAMPLE_STAGES and self._kept(name, record) == 0:
+            self._fail_stage(name)
         atomic_write_json(marker, record)
         self.timings[name] = record["seconds"]
         return record
+
+    def _kept(self, name: str, record: dict) -> int:
+        """How many samples `name` passes on (its record counts what it was given, for progress)."""
+        import pyarrow.parquet as pq
+
+        if name in ("download", "caption"):  # captioning drops nothing: it keeps what the download kept
+            return self._count_successes()
+        if name == "condition":
+            return sum(sum(1 for e in pq.read_table(p, columns=["error"]).column("error").to_pylist() if e is None)
+                       for p in sorted((self.work / "condition").glob("*.parquet")))
+        return int(record.get("count", 0))
+
+    def _fail_stage(self, name: str) -> None:
+        import shutil
+
+        failures = self.failures()
+        writer.write_failures(self.out, failures)
+        reasons = [f for f in failures if f.get("stage") in (name, "resize")] or failures
+        # Remove the stage's work so no shard of it counts as done on the next run, whose cause may be fixed.
+        shutil.rmtree(self.work / name, ignore_errors=True)
+        reason = f" The first reason: {reasons[0]['reason']}." if reasons else ""
+        raise StageFailed(f"The {name} stage kept none of the samples, so the build stopped and marked nothing of "
+                          f"it done.{reason} See {self.out / writer.FAILURES}; fix the cause and run the build "
+                          "again to redo the stage.")
+
+    def _check_preprocessor(self) -> None:
+        """Run the chosen preprocessor once on a small image: a missing weight file (or a module that cannot
+        load) stops the build here, before any download, with the preprocessor's own sentence."""
+        import numpy as np
+
+        from lib_controlnet import preprocess
+
+        if (self.work / "condition" / "done.json").exists():
+            return
+        pre = preprocess.get_preprocessor(self.config.module)  # an unknown name: PreprocessorError
+        probe = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        resolution = int(pre.resolution.min) if pre.resolution else None  # the cheapest size it accepts
+        try:
+            preprocess.run(self.config.module, probe, resolution=resolution, threshold_a=self.config.threshold_a,
+                           threshold_b=self.config.threshold_b, use_cache=False)
+        except UserError:
+            raise
+        except Exception as error:  # a weight file that cannot be read, a library that fails to load
+            raise StageFailed(f"The {self.config.module} preprocessor cannot run ({type(error).__name__}: {error}); "
+                              "nothing was downloaded.") from None
 
     # -- stages --
     def _retrieve(self, track: _Tracker) -> dict:
@@ -280,6 +341,7 @@ class BuildJob:
                     time.sleep(0.1)
             self.lock_fd = lock.fileno()
             self._check_same_build()
+            self._check_preprocessor()
             records = {}
             for name in STAGES:
                 records[name] = self._stage(name, getattr(self, f"_{name}"))
