@@ -12,7 +12,7 @@ def register(subparsers) -> None:
     actions = parser.add_subparsers(dest="dataset_command", metavar="ACTION")
 
     build = actions.add_parser("build", help="build (or resume) a dataset; every option also reads from --config")
-    build.add_argument("--config", help="YAML or JSON file with BuildConfig options; flags override it")
+    build.add_argument("--config", help="YAML or JSON file of these options; flags override it (default: none)")
     build.add_argument("--quiet", action="store_true", help="no progress lines (default: off)")
     build.add_argument("--annotator-dir", default=None,
                        help="folder holding preprocessor weight files (default: the extension's models/annotators)")
@@ -25,8 +25,8 @@ def register(subparsers) -> None:
     build.set_defaults(func=_build)
 
     info = actions.add_parser("info", help="rows, columns, failures and build state of a dataset folder")
-    info.add_argument("folder")
-    info.add_argument("--json", action="store_true")
+    info.add_argument("folder", help="the dataset folder (a build's --out)")
+    info.add_argument("--json", action="store_true", help="print the facts as JSON (default: off)")
     info.set_defaults(func=_info)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
 

@@ -13,17 +13,19 @@ def register(subparsers) -> None:
     train = subparsers.add_parser("train", help="train a ControlNet on a dataset (config file and/or flags)",
                                   description="Train a ControlNet. Every setting of a config file can also be "
                                               "given as a flag (--max-train-steps 100); flags win.")
-    train.add_argument("--config", help="YAML or JSON file of training settings")
-    train.add_argument("--no-export", action="store_true", help="do not export the ControlNet at the end")
-    train.add_argument("--quiet", action="store_true", help="print only the final lines")
+    train.add_argument("--config", help="YAML or JSON file of training settings (default: none)")
+    train.add_argument("--no-export", action="store_true", help="do not export the ControlNet at the end (default: off)")
+    train.add_argument("--quiet", action="store_true", help="print only the final lines (default: off)")
     add_arguments(train)
     train.set_defaults(func=run_train)
 
     export = subparsers.add_parser("export", help="export a training checkpoint as an ldm ControlNet .safetensors")
     export.add_argument("checkpoint", metavar="CKPT", help="checkpoint folder, or a training output folder (newest)")
     export.add_argument("out", metavar="OUT", help="a .safetensors file, or a folder to write into")
-    export.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16")
-    export.add_argument("--diffusers", action="store_true", help="also write a diffusers folder beside the file")
+    export.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16",
+                        help="precision of the exported weights (default: %(default)s)")
+    export.add_argument("--diffusers", action="store_true",
+                        help="also write a diffusers folder beside the file (default: off)")
     export.set_defaults(func=run_export)
 
 

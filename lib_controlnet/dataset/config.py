@@ -23,80 +23,95 @@ class ConfigError(UserError):
     """A build option is missing, unknown or out of range."""
 
 
-def _list() -> Any:
-    return dataclasses.field(default_factory=list)
+def _option(default, help: str, factory: bool = False) -> Any:
+    """A field and its one-line `help`, the one place a flag's description (`dataset build --help`) is written."""
+    if factory:
+        return dataclasses.field(default_factory=default, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def _list(help: str) -> Any:
+    return _option(list, help, factory=True)
 
 
 @dataclasses.dataclass
 class BuildConfig:
-    out_dir: str = ""
+    out_dir: str = _option("", "folder the dataset is written to (and resumed from)")
 
     # -- sources (any combination; results are merged and deduplicated by url) --
-    knn_url: Optional[str] = None  # a clip-retrieval backend, e.g. http://host:1234 (the /knn-service route is added)
-    prompts: list = _list()
-    example_images: list = _list()  # local paths or http(s) URLs sent as `image`/`image_url` queries
-    template: Optional[str] = None  # e.g. "{style} {room}, interior design"
-    template_values: dict = dataclasses.field(default_factory=dict)  # {"style": [...], "room": [...]}
-    num_images: int = 40  # per query
-    indice_name: str = "laion5B-L-14"
-    modality: str = "image"
-    aesthetic_score: Optional[int] = None
-    aesthetic_weight: float = 0.5
-    deduplicate: bool = True
-    use_safety_model: bool = True
-    use_violence_detector: bool = True
-    use_mclip: bool = False
-    knn_timeout: float = 60.0
+    knn_url: Optional[str] = _option(
+        None, "clip-retrieval backend to query, e.g. http://host:1234 (the /knn-service route is added)")
+    prompts: list = _list("text query for the knn backend; repeat for several")
+    example_images: list = _list("image (local path or http(s) URL) to find similar images to; repeat for several")
+    template: Optional[str] = _option(
+        None, 'query template with {placeholders}, e.g. "{style} {room}, interior design"')
+    template_values: dict = _option(
+        dict, 'words for each template placeholder, as JSON: {"style": ["modern"], "room": ["kitchen"]}', factory=True)
+    num_images: int = _option(40, "images asked of the knn backend per query")
+    indice_name: str = _option("laion5B-L-14", "index of the knn backend to query")
+    modality: str = _option("image", "what the knn backend searches: " + ", ".join(MODALITIES))
+    aesthetic_score: Optional[int] = _option(
+        None, "knn backend's aesthetic score to favour (its aesthetic filter)")
+    aesthetic_weight: float = _option(0.5, "weight of the aesthetic score in the knn query")
+    deduplicate: bool = _option(True, "ask the knn backend to drop near-duplicate images")
+    use_safety_model: bool = _option(True, "ask the knn backend to drop unsafe images")
+    use_violence_detector: bool = _option(True, "ask the knn backend to drop violent images")
+    use_mclip: bool = _option(False, "use the knn backend's multilingual CLIP for text queries")
+    knn_timeout: float = _option(60.0, "seconds to wait for each knn query")
 
-    url_list: Optional[str] = None  # parquet / csv / jsonl
-    url_col: str = "url"
-    caption_col: str = "caption"
-    include_keywords: list = _list()  # keep a row only if its caption holds one of these (case-insensitive)
-    exclude_keywords: list = _list()  # drop a row whose caption holds any of these
+    url_list: Optional[str] = _option(None, "parquet, csv or jsonl file of image URLs (and captions)")
+    url_col: str = _option("url", "URL column of the URL list")
+    caption_col: str = _option("caption", "caption column of the URL list")
+    include_keywords: list = _list(
+        "keep a URL-list row only if its caption holds one of these words; repeat for several")
+    exclude_keywords: list = _list("drop a URL-list row whose caption holds any of these words; repeat for several")
 
-    image_dir: Optional[str] = None  # local images, captions from <stem>.txt beside them
-    hf_dataset_dir: Optional[str] = None  # a datasets.save_to_disk folder
-    hf_image_col: str = "image"
-    hf_caption_col: str = "text"
+    image_dir: Optional[str] = _option(None, "folder of local images; captions come from <stem>.txt files beside them")
+    hf_dataset_dir: Optional[str] = _option(None, "a Hugging Face dataset folder saved with save_to_disk")
+    hf_image_col: str = _option("image", "image column of the Hugging Face dataset")
+    hf_caption_col: str = _option("text", "caption column of the Hugging Face dataset")
 
-    max_samples: Optional[int] = None  # cap on candidates after merging
+    max_samples: Optional[int] = _option(None, "keep at most this many candidates after merging the sources")
 
     # -- download (img2dataset) --
-    image_size: int = 512
-    resize_mode: str = "center_crop"
-    resize_only_if_bigger: bool = False
-    min_image_size: int = 0
-    max_aspect_ratio: Optional[float] = None
-    encode_format: str = "jpg"
-    encode_quality: int = 95
-    retries: int = 1
-    timeout: float = 10.0
-    thread_count: int = 16
-    processes_count: int = 1
-    samples_per_shard: int = 1000
-    distributor: str = "multiprocessing"
-    allow_private_urls: bool = False  # also allowed when the extension setting allow_private_urls is on
-    max_image_bytes: int = 32 * 1024 * 1024
-    max_image_pixels: int = 89_478_485  # Pillow's own bomb threshold
-    user_agent_token: str = "img2dataset"
-    disallowed_header_directives: list = dataclasses.field(
-        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
-    )
+    image_size: int = _option(512, "size in pixels the images are resized to")
+    resize_mode: str = _option("center_crop", "how images are resized: " + ", ".join(RESIZE_MODES))
+    resize_only_if_bigger: bool = _option(False, "resize only images larger than image_size")
+    min_image_size: int = _option(0, "drop images whose smaller side is below this many pixels")
+    max_aspect_ratio: Optional[float] = _option(None, "drop images more elongated than this ratio, empty: keep all")
+    encode_format: str = _option("jpg", "format the images are stored in: " + ", ".join(ENCODE_FORMATS))
+    encode_quality: int = _option(95, "JPEG/WebP quality of the stored images")
+    retries: int = _option(1, "download retries per image")
+    timeout: float = _option(10.0, "seconds to wait for each image download")
+    thread_count: int = _option(16, "download threads per process")
+    processes_count: int = _option(1, "download processes")
+    samples_per_shard: int = _option(1000, "samples per download shard (and per parquet file)")
+    distributor: str = _option("multiprocessing", "how img2dataset spreads its work: " + ", ".join(DISTRIBUTORS))
+    allow_private_urls: bool = _option(
+        False, "allow downloads from loopback and private networks (also on when the extension setting is)")
+    max_image_bytes: int = _option(32 * 1024 * 1024, "drop images larger than this many bytes")
+    max_image_pixels: int = _option(89_478_485, "drop images with more pixels than this (decompression bomb guard)")
+    user_agent_token: str = _option("img2dataset", "token added to the downloader's User-Agent")
+    disallowed_header_directives: list = _option(
+        lambda: ["noai", "noimageai", "noindex", "noimageindex"],
+        "X-Robots-Tag directives that make a site's images off limits; repeat for several", factory=True)
 
     # -- captions --
-    caption_mode: str = "source"
-    captioner_path: Optional[str] = None  # local BLIP folder (BlipForConditionalGeneration + processor)
-    caption_batch_size: int = 8
-    caption_max_tokens: int = 30
+    caption_mode: str = _option(
+        "source", "which caption trains: " + ", ".join(CAPTION_MODES) + " (blip and both need captioner_path)")
+    captioner_path: Optional[str] = _option(
+        None, "local BLIP model folder (BlipForConditionalGeneration and its processor)")
+    caption_batch_size: int = _option(8, "images captioned per BLIP batch")
+    caption_max_tokens: int = _option(30, "longest BLIP caption, in tokens")
 
     # -- conditioning --
-    module: str = "canny"
-    module_resolution: Optional[int] = None  # the preprocessor's resolution; None: image_size
-    threshold_a: Optional[float] = None
-    threshold_b: Optional[float] = None
+    module: str = _option("canny", "preprocessor that makes the conditioning images (see detect --list)")
+    module_resolution: Optional[int] = _option(None, "the preprocessor's resolution, empty: image_size")
+    threshold_a: Optional[float] = _option(None, "the preprocessor's first parameter, empty: its default")
+    threshold_b: Optional[float] = _option(None, "the preprocessor's second parameter, empty: its default")
 
     # -- output --
-    preview_count: int = 16
+    preview_count: int = _option(16, "image/map pairs saved under preview/ to look at")
 
     @classmethod
     def from_dict(cls, data: dict) -> "BuildConfig":
@@ -189,6 +204,8 @@ FLAG_ALIASES = {"out_dir": "--out", "prompts": "--prompt", "example_images": "--
 def add_cli_arguments(parser) -> None:
     import argparse
 
+    from lib_controlnet.flag_help import flag_help
+
     for field in dataclasses.fields(BuildConfig):
         flag = FLAG_ALIASES.get(field.name, "--" + field.name.replace("_", "-"))
         default = BuildConfig.__dataclass_fields__[field.name]
@@ -200,14 +217,13 @@ def add_cli_arguments(parser) -> None:
             kwargs["action"] = "append"
         elif isinstance(sample, dict):
             kwargs["type"] = json.loads
-            kwargs["help"] = "JSON object"
         elif isinstance(sample, (int, float)) and not isinstance(sample, bool):
             kwargs["type"] = type(sample)
         elif field.name in ("max_aspect_ratio", "threshold_a", "threshold_b"):
             kwargs["type"] = float
         elif field.name in ("aesthetic_score", "max_samples", "module_resolution"):
             kwargs["type"] = int
-        parser.add_argument(flag, **kwargs)
+        parser.add_argument(flag, help=flag_help(field), **kwargs)
 
 
 def config_from_args(args) -> BuildConfig:

@@ -25,62 +25,78 @@ CROPS = ("center", "random")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
+def _setting(default, help: str, factory: bool = False):
+    """A field whose `help` (one line) is what `train --help` and the UI show: the one place it is written."""
+    if factory:
+        return dataclasses.field(default_factory=default, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclasses.dataclass
 class TrainConfig:
     # --- data
-    dataset: str = ""  # dataset folder: the Dataset tab's output, a `save_to_disk` dataset, or images/ + conditioning/
-    dataset_format: str = "auto"
-    image_column: str = "image"
-    conditioning_image_column: str = "conditioning_image"
-    caption_column: str = "text"
-    resolution: int = 512
-    crop: str = "center"
-    random_flip: bool = False
-    aspect_buckets: bool = False
-    proportion_empty_prompts: float = 0.0
-    max_train_samples: typing.Optional[int] = None
-    dataloader_num_workers: int = 0
+    dataset: str = _setting(
+        "", "dataset folder: the Dataset tab's output, a save_to_disk dataset, or images/ + conditioning/")
+    dataset_format: str = _setting("auto", "how to read the dataset folder: " + ", ".join(DATASET_FORMATS))
+    image_column: str = _setting("image", "column holding the target images")
+    conditioning_image_column: str = _setting("conditioning_image", "column holding the conditioning maps")
+    caption_column: str = _setting("text", "column holding the captions")
+    resolution: int = _setting(512, "training image size in pixels (a multiple of 8)")
+    crop: str = _setting("center", "how images are cropped to the resolution: " + ", ".join(CROPS))
+    random_flip: bool = _setting(False, "flip image and map horizontally at random")
+    aspect_buckets: bool = _setting(
+        False, "batch images of similar aspect ratio together instead of cropping them square")
+    proportion_empty_prompts: float = _setting(0.0, "share of captions replaced by the empty prompt (0..1)")
+    max_train_samples: typing.Optional[int] = _setting(None, "use at most this many samples of the dataset; empty: all")
+    dataloader_num_workers: int = _setting(0, "data loading processes; 0 loads in the training process")
     # --- models
-    base: str = ""  # diffusers folder or single-file SD checkpoint (.safetensors/.ckpt)
-    base_config: str = ""  # diffusers-style config folder for a single-file base (offline); "" = look it up
-    controlnet: str = ""  # existing ControlNet (file or diffusers folder) to fine-tune; "" = copy of the UNet encoder
-    prediction_type: str = "auto"
+    base: str = _setting("", "base Stable Diffusion model: a diffusers folder or a single .safetensors/.ckpt file")
+    base_config: str = _setting("", "diffusers-style config folder for a single-file base (offline); empty: look it up")
+    controlnet: str = _setting(
+        "", "ControlNet (file or diffusers folder) to fine-tune; empty: start from a copy of the UNet encoder")
+    prediction_type: str = _setting(
+        "auto", "what the base model predicts: " + ", ".join(PREDICTION_TYPES) + "; auto reads it from the model")
     # --- optimisation
-    output_dir: str = "train-output"
-    max_train_steps: typing.Optional[int] = None  # wins over num_train_epochs when set
-    num_train_epochs: int = 1
-    train_batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 1e-5
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    use_8bit_adam: bool = False
-    seed: int = 0
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
-    sd_locked: bool = True  # False also trains the UNet decoder, as lllyasviel's sd_locked=False
-    cache_latents: bool = False
-    cache_text_embeddings: bool = False
+    output_dir: str = _setting("train-output", "folder for checkpoints, logs, samples and the report")
+    max_train_steps: typing.Optional[int] = _setting(
+        None, "optimiser steps to train; when set it wins over num_train_epochs")
+    num_train_epochs: int = _setting(1, "passes over the dataset (when max_train_steps is not set)")
+    train_batch_size: int = _setting(4, "samples per step on each process")
+    gradient_accumulation_steps: int = _setting(1, "steps whose gradients are summed before each optimiser update")
+    learning_rate: float = _setting(1e-5, "peak learning rate")
+    lr_scheduler: str = _setting("constant", "learning-rate schedule: " + ", ".join(SCHEDULERS))
+    lr_warmup_steps: int = _setting(0, "steps of linear warm-up at the start of the schedule")
+    adam_beta1: float = _setting(0.9, "AdamW beta1")
+    adam_beta2: float = _setting(0.999, "AdamW beta2")
+    adam_weight_decay: float = _setting(1e-2, "AdamW weight decay")
+    adam_epsilon: float = _setting(1e-8, "AdamW epsilon")
+    max_grad_norm: float = _setting(1.0, "clip the gradient norm to this value")
+    use_8bit_adam: bool = _setting(False, "use bitsandbytes' 8-bit AdamW (needs bitsandbytes and a GPU)")
+    seed: int = _setting(0, "random seed of the run")
+    mixed_precision: str = _setting("no", "compute precision: " + ", ".join(PRECISIONS))
+    gradient_checkpointing: bool = _setting(
+        False, "recompute activations in the backward pass: less memory, slower steps")
+    sd_locked: bool = _setting(
+        True, "keep the UNet frozen; false also trains its decoder, as lllyasviel's sd_locked=False")
+    cache_latents: bool = _setting(
+        False, "encode every image with the VAE once before training (needs crop=center, no random_flip)")
+    cache_text_embeddings: bool = _setting(False, "encode every caption once before training")
     # --- checkpoints
-    checkpointing_steps: int = 500
-    checkpoints_total_limit: int = 3
-    resume_from: str = ""  # "", "latest" or a checkpoint folder
+    checkpointing_steps: int = _setting(500, "save a resumable checkpoint every this many steps")
+    checkpoints_total_limit: int = _setting(3, "keep at most this many checkpoints; older ones are deleted")
+    resume_from: str = _setting("", "resume from a checkpoint folder, or latest; empty: start fresh")
     # --- validation
-    validation_steps: int = 0  # 0 = only at the end (when pairs are given)
-    validation_prompts: list = dataclasses.field(default_factory=list)
-    validation_images: list = dataclasses.field(default_factory=list)
-    validation_inference_steps: int = 20
-    validation_seed: int = 0
+    validation_steps: int = _setting(0, "sample the validation pairs every this many steps; 0: only at the end")
+    validation_prompts: list = _setting(
+        list, "validation prompt; repeat for several (one per image, or one for all)", factory=True)
+    validation_images: list = _setting(list, "validation conditioning image; repeat for several", factory=True)
+    validation_inference_steps: int = _setting(20, "sampling steps of each validation image")
+    validation_seed: int = _setting(0, "seed of the validation samples")
     # --- export
-    export_dir: str = ""  # ControlNet models folder; "" = the extension's models folder
-    export_name: str = ""  # file stem; "" = controlnet-<dataset>-<steps>
-    export_dtype: str = "fp16"
-    export_diffusers: bool = False
+    export_dir: str = _setting("", "ControlNet models folder to export into; empty: the extension's models folder")
+    export_name: str = _setting("", "exported file name without extension; empty: controlnet-<dataset>-<steps>")
+    export_dtype: str = _setting("fp16", "precision of the exported weights: fp16 or fp32")
+    export_diffusers: bool = _setting(False, "also export a diffusers folder beside the .safetensors file")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -200,14 +216,20 @@ def _coerce(name: str, hint, value):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One `--flag-name` per field; a flag left out keeps the file's (or the default) value."""
+    from lib_controlnet.flag_help import flag_help
+
     hints = typing.get_type_hints(TrainConfig)
-    for name in TrainConfig.field_names():
+    metavars = {bool: "true|false", int: "N", float: "X", list: "VALUE"}
+    for field in dataclasses.fields(TrainConfig):
+        name = field.name
         flag = "--" + name.replace("_", "-")
+        hint = next((a for a in typing.get_args(hints[name]) if a is not type(None)), hints[name])  # Optional[X]
+        metavar = metavars.get(hint, "TEXT")
         if hints[name] is list:
-            parser.add_argument(flag, dest=name, action="append", default=None, metavar="VALUE",
-                                help="repeat for several")
+            parser.add_argument(flag, dest=name, action="append", default=None, metavar=metavar,
+                                help=flag_help(field))
         else:
-            parser.add_argument(flag, dest=name, default=None, metavar="VALUE")
+            parser.add_argument(flag, dest=name, default=None, metavar=metavar, help=flag_help(field))
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
