@@ -25,7 +25,27 @@ import threading
 import time
 from pathlib import Path
 
-from img2dataset.downloader import Downloader
+
+def _absent_wandb() -> None:
+    """img2dataset's logger imports wandb at its top but calls it only when enable_wandb is on, which we never
+    pass, and install.py keeps that telemetry client out of the WebUI's venv. Where it is absent, a module that
+    refuses every use takes its place (here and in spawned workers, which re-run this file)."""
+    if "wandb" in sys.modules or importlib.util.find_spec("wandb") is not None:
+        return
+    import types
+
+    def refuse(name: str):
+        # AttributeError: what hasattr() and module scans (inspect, pickle) expect of a missing attribute
+        raise AttributeError(f"wandb.{name}: wandb is not installed; ControlNet Studio never enables img2dataset's "
+                             "wandb logging")
+
+    module = types.ModuleType("wandb", "stands in for an absent wandb, which img2dataset imports but we never use")
+    module.__getattr__ = refuse
+    sys.modules["wandb"] = module
+
+
+_absent_wandb()
+from img2dataset.downloader import Downloader  # noqa: E402  (after the wandb stand-in)
 
 _GUARD_MODULE = "controlnet_studio_fetch_guard"
 _SAFETY_FILE = str(Path(__file__).resolve().with_name("safety.py"))
