@@ -6,6 +6,10 @@ Layout of DIR (what `datasets.load_dataset(DIR, split="train")`, the Train tab a
     DIR/README.md                   dataset card; its YAML `configs` lists the "train" split's files by name
     DIR/data/train-<shard>-<sha>.parquet  one file per download shard (names sort in sample order); <sha> is
                                     the first 16 hex digits of the file's SHA-256
+    DIR/preview/                    a few `<key>_image.<ext>` / `<key>_conditioning.png` pairs to look at
+    DIR/manifest.json               config, counts and per-stage timings of the build
+    DIR/failures.jsonl              one {"key", "url", "stage", "reason"} line per sample that was dropped
+    DIR/.build/                     resumable work files (hidden: `datasets` ignores it)
 
 Why the names carry a content hash and the card lists them one by one: with a `configs: data_files:` block,
 `datasets.load_dataset(DIR)` (and so diffusers' `train_controlnet.py --train_data_dir DIR`) fingerprints its
@@ -14,10 +18,6 @@ their patterns into files (datasets 5.0.1, load.py LocalDatasetModuleFactory and
 _create_builder_config). With a glob there, a rebuilt folder, or another folder of the same name, reads the
 rows cached from the first build. Listed names that change with the bytes make that fingerprint follow the
 content, and the same content keeps its cache.
-    DIR/preview/                    a few `<key>_image.<ext>` / `<key>_conditioning.png` pairs to look at
-    DIR/manifest.json               config, counts and per-stage timings of the build
-    DIR/failures.jsonl              one {"key", "url", "stage", "reason"} line per sample that was dropped
-    DIR/.build/                     resumable work files (hidden: `datasets` ignores it)
 
 Parquet schema of every shard (the Hugging Face features are stored in the schema metadata, so both image
 columns decode to PIL images without further configuration):
@@ -103,8 +103,11 @@ def _shard_name(shard: int | str) -> str:
 
 
 def shard_files(out_dir: Path, shard: int | str) -> list[Path]:
-    """The files written for one shard (one, or none; more only if a run died between rename and clean-up)."""
-    return sorted((Path(out_dir) / DATA_DIR).glob(f"train-{_shard_name(shard)}-{'[0-9a-f]' * DIGEST_CHARS}.parquet"))
+    """The files written for one shard: one, or none; more only if a run died between rename and clean-up.
+    The unhashed name is what builds before content-hashed names wrote, replaced when such a build resumes."""
+    folder, name = Path(out_dir) / DATA_DIR, _shard_name(shard)
+    hashed = sorted(folder.glob(f"train-{name}-{'[0-9a-f]' * DIGEST_CHARS}.parquet"))
+    return hashed + [p for p in [folder / f"train-{name}.parquet"] if p.exists()]
 
 
 def samples_to_table(samples: Sequence[Sample]):
@@ -136,7 +139,8 @@ def write_shard(out_dir: Path, shard: int | str, samples: Sequence[Sample]) -> P
     previous = shard_files(out_dir, shard)
     path = None
     if samples:
-        staged = atomic_write_table(Path(out_dir) / DATA_DIR / f".train-{_shard_name(shard)}.staged", samples_to_table(samples))
+        staged = atomic_write_table(Path(out_dir) / DATA_DIR / f".train-{_shard_name(shard)}.staged",
+                                    samples_to_table(samples))
         digest = hashlib.sha256(staged.read_bytes()).hexdigest()[:DIGEST_CHARS]
         path = staged.with_name(f"train-{_shard_name(shard)}-{digest}.parquet")
         os.replace(staged, path)
@@ -181,7 +185,8 @@ def dataset_card(files: Sequence[str]) -> str:
 
 def write_card(out_dir: Path) -> Path:
     out_dir = Path(out_dir)
-    return atomic_write_text(out_dir / "README.md", dataset_card([p.relative_to(out_dir).as_posix() for p in data_files(out_dir)]))
+    files = [p.relative_to(out_dir).as_posix() for p in data_files(out_dir)]
+    return atomic_write_text(out_dir / "README.md", dataset_card(files))
 
 
 def write_manifest(out_dir: Path, manifest: dict) -> Path:
