@@ -93,3 +93,14 @@ def test_a_stage_that_loses_every_sample_fails_and_a_rerun_redoes_it(tmp_path):
     photos(images, 2)  # the copy finished: same names, readable now
     manifest = run_build(config)
     assert manifest["counts"]["written"] == 2 and manifest["counts"]["failed"] == 0
+
+
+def test_a_module_resolution_out_of_the_registry_range_is_refused_before_any_work(tmp_path):
+    from lib_controlnet.dataset.config import BuildConfig, ConfigError
+
+    with pytest.raises(ConfigError, match="module_resolution must be -1 .* from 64 to 2048, got 16"):
+        BuildConfig(out_dir=str(tmp_path), image_dir=str(tmp_path), module_resolution=16).validated()
+    # a small image size is no resolution the user asked for: maps are made at the smallest one and fitted
+    from lib_controlnet.dataset.condition import map_resolution
+
+    assert map_resolution(BuildConfig(image_size=16)) == 64

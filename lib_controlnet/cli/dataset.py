@@ -50,18 +50,16 @@ class _Printer:
 
 
 def _build(args) -> int:
-    from lib_controlnet.dataset.config import config_from_args
-    from lib_controlnet.dataset.job import run_build
+    from pathlib import Path
 
     from lib_controlnet.cli.detect import apply_download_flag
+    from lib_controlnet.dataset.config import config_from_args
+    from lib_controlnet.dataset.job import run_build
+    from lib_controlnet.settings import update_settings
 
     apply_download_flag(args)
     config = config_from_args(args)
     if args.annotator_dir:
-        from pathlib import Path
-
-        from lib_controlnet.settings import update_settings
-
         update_settings(annotator_models_path=Path(args.annotator_dir).expanduser().resolve())
     cancel = threading.Event()
     manifest = run_build(config, progress=None if args.quiet else _Printer(), cancel=cancel)

@@ -34,13 +34,23 @@ def fit_to(map_: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.ascontiguousarray(map_.astype(np.uint8))
 
 
+def map_resolution(config) -> int:
+    """The resolution the preprocessor runs at: the one asked for, or the image size brought into the registry's
+    range (a 32 px dataset still gets maps: made at the smallest resolution, then fitted to the image)."""
+    from lib_controlnet.preprocess import MAX_RESOLUTION, MIN_RESOLUTION
+
+    if config.module_resolution:
+        return config.module_resolution  # the user's own value: out of range is their error to see
+    return min(max(int(config.image_size), MIN_RESOLUTION), MAX_RESOLUTION)
+
+
 def condition_rows(rows: list[dict], config, batch_size: int = 8,
                    on_batch: Optional[Callable[[int], None]] = None) -> tuple[list[dict], list[dict]]:
     """rows: {key, url, image bytes} -> ([{key, conditioning_image PNG bytes}], failures)."""
     from annotators.weights import AnnotatorWeightsError
     from lib_controlnet import preprocess
 
-    resolution = config.module_resolution or config.image_size
+    resolution = map_resolution(config)
     done, failures = [], []
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]

@@ -181,6 +181,11 @@ class BuildConfig:
             f"caption_mode '{self.caption_mode}' needs captioner_path: a local BLIP model folder.",
         )
         check(isinstance(self.template_values, dict), "template_values must map placeholder names to lists of words.")
+        if self.module_resolution is not None:
+            from lib_controlnet.preprocess import resolution_error  # the one range every surface checks
+
+            problem = resolution_error(self.module_resolution)
+            check(problem is None, f"module_resolution {problem}.")
         return self
 
     def require_runnable(self) -> None:

@@ -164,9 +164,8 @@ class BuildJob:
 
         if (self.work / "condition" / "done.json").exists():
             return
-        pre = preprocess.get_preprocessor(self.config.module)  # an unknown name: PreprocessorError
         probe = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-        resolution = int(pre.resolution.min) if pre.resolution else None  # the cheapest size it accepts
+        resolution = preprocess.MIN_RESOLUTION  # loading the weights is the point: the cheapest size does it
         try:
             preprocess.run(self.config.module, probe, resolution=resolution, threshold_a=self.config.threshold_a,
                            threshold_b=self.config.threshold_b, use_cache=False)
