@@ -145,6 +145,8 @@ def plan_install(requirements_file: Path = HERE / "requirements.txt") -> tuple[l
         quoted = " ".join(f'"{r}"' for r in missing)
         run_pip(f'install --dry-run --quiet --report "{report_file}" -c "{constraints_file}" {quoted}',
                 "ControlNet Studio: resolving requirements")
+        if not report_file.exists():  # the WebUI ran no pip (its --skip-install): install nothing either
+            return [], constraints
         report = json.loads(report_file.read_text())
     return select(report, missing, left_out(have, requirements)), constraints
 
