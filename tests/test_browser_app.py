@@ -283,3 +283,49 @@ def test_bad_training_settings_show_a_message_not_a_traceback(page, served, pair
     page.wait_for_function("document.querySelector('#cntr_status textarea').value.startsWith('error:')")
     assert "multiple of 8" in _text(page, "cntr_status")
     assert "Traceback" not in _server_log(server)
+
+
+def _open_models(page, unit: str) -> list:
+    """Opens the unit's Model dropdown; its options."""
+    page.locator(f"{unit}_model input").click()
+    page.locator(f"{unit}_model ul li").first.wait_for()
+    return [text.replace("✓", "").strip() for text in page.locator(f"{unit}_model ul li").all_inner_texts()]
+
+
+def test_refresh_lists_a_new_model_in_every_unit_and_under_its_type(page, served):
+    from lib_controlnet import tiny_models
+    from lib_controlnet.models import save_controlnet_ldm
+
+    _, assets = served
+    unit1 = "#txt2img_controlnet_unit1"
+    added = assets["models"] / "mydata-250.safetensors"  # a name that tells no control type, as training exports
+    shutil.copy(assets["models"] / f"{MODEL_STEM}.safetensors", added)
+    _open_tab(page, "txt2img")
+    page.locator("button", has_text="ControlNet Unit 0").first.click()
+    page.locator(f"{UNIT}_refresh_models").click()
+    page.wait_for_function(f"document.querySelector('{UNIT}_model input') !== null")
+    page.wait_for_timeout(500)  # the refresh answers without the queue, at once
+    page.locator("button", has_text="ControlNet Unit 1").first.click()
+    page.locator(f"{unit1}_control_type label", has_text="Canny").first.click()
+    page.wait_for_function(f"document.querySelector('{unit1}_module input')?.value === 'canny'")
+    options = _open_models(page, unit1)
+    new_name = next((o for o in options if o.startswith("mydata-250 [")), None)
+    assert new_name, options  # refreshed in unit 0, listed in unit 1, and offered under Canny
+    page.locator(f"{unit1}_model ul li", has_text="mydata-250").first.click()
+    page.wait_for_function(f"document.querySelector('{unit1}_model input').value === '{new_name}'")
+    save_controlnet_ldm(tiny_models.tiny_controlnet("sd15"), added, dtype="fp16")  # exported again: a new hash
+    page.locator(f"{unit1}_refresh_models").click()
+    page.wait_for_function(f"(() => {{ const v = document.querySelector('{unit1}_model input').value; "
+                           f"return v.startsWith('mydata-250 [') && v !== '{new_name}'; }})()")
+
+
+def test_user_error_in_the_panel_is_a_message_and_logs_no_traceback(page, served):
+    server, _ = served
+    _open_tab(page, "txt2img")
+    page.locator("button", has_text="ControlNet Unit 1").first.click()
+    page.locator("#txt2img_controlnet_unit1_preview_button").click()  # no control image uploaded in unit 1
+    toast = page.wait_for_selector(".toast-body.error >> text=Upload a control image first")
+    assert toast.is_visible()
+    page.wait_for_timeout(500)  # the server writes its log line after answering
+    log = _server_log(server)
+    assert "Upload a control image first" in log and "Traceback" not in log, log[-3000:]
