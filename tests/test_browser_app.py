@@ -184,9 +184,9 @@ def test_dataset_build_from_a_local_folder_writes_the_dataset(page, tmp_path):
     page.locator("#controlnet_dataset button", has_text="Local").first.click()
     _fill(page, "cnds_image_dir", tmp_path / "photos")
     page.locator("#controlnet_dataset .label-wrap", has_text="Options").first.click()
-    _fill(page, "cnds_image_size", 32)
+    _fill(page, "cnds_image_size", 64)
     page.locator("#cnds_build").click()
-    page.wait_for_function("document.querySelector('#cnds_status textarea').value.includes('done:')",
+    page.wait_for_function("/(done|stopped):/.test(document.querySelector('#cnds_status textarea').value)",
                            timeout=120_000)
     page.screenshot(path=str(ARTIFACTS / "browser-dataset-build.png"), full_page=True)
     status = _text(page, "cnds_status")
@@ -237,8 +237,9 @@ def test_training_streams_progress_and_plot_and_cancel_leaves_a_checkpoint(page,
     server, _ = served
     _start_training(page, pairs, tmp_path / "run", tmp_path / "models", 10_000, "cancelled", validate_every=6)
     empty_plot = _plot_pixels(page)
-    page.wait_for_function("/step [2-9]\\d*\\//.test(document.querySelector('#cntr_status textarea').value)",
+    page.wait_for_function("/step [2-9]\\d*\\/|error:/.test(document.querySelector('#cntr_status textarea').value)",
                            timeout=120_000)
+    assert "error:" not in _text(page, "cntr_status"), _text(page, "cntr_status")
     first_status, first_plot = _text(page, "cntr_status"), _plot_pixels(page)
     first_bar = page.locator("#cntr_progress").last.inner_html()
     page.wait_for_function(f"(() => {{ const m = /step (\\d+)\\//.exec(document.querySelector('#cntr_status "
@@ -268,8 +269,10 @@ def test_training_runs_to_the_end_and_exports(page, served, pairs, tmp_path):
 
     server, assets = served
     _start_training(page, pairs, tmp_path / "run", assets["models"], 3, "control_ui_trained")
-    page.wait_for_function("document.querySelector('#cntr_exported textarea').value.includes('.safetensors')",
+    page.wait_for_function("document.querySelector('#cntr_exported textarea').value.includes('.safetensors') || "
+                           "document.querySelector('#cntr_status textarea').value.startsWith('error:')",
                            timeout=180_000)
+    assert "error:" not in _text(page, "cntr_status"), _text(page, "cntr_status")
     exported = Path(_text(page, "cntr_exported").splitlines()[0])
     assert exported == assets["models"] / "control_ui_trained.safetensors" and exported.is_file()
     assert inspect_model(exported).base == "sd15"
