@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import sys
 import threading
+import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -22,6 +24,7 @@ from lib_controlnet.unit import ControlUnitError
 
 JAVASCRIPT_DIR = EXTENSION_ROOT / "javascript"
 STYLE_FILE = EXTENSION_ROOT / "style.css"
+QUEUE_WORKERS = 8
 
 
 class NoBaseModelError(UserError):
@@ -94,20 +97,47 @@ def batch_jobs(units: list) -> list[list]:
     return jobs
 
 
+class _UserErrorsInOneLine:
+    """Stands in for the `traceback` module inside gradio.routes. gradio 3.41 prints a full traceback for every
+    gr.Error a handler raises, although gr.Error carries the sentence a user is meant to read (a bad setting, a
+    missing model), not a crash. The standalone server owns its process, so it logs those as one line; every other
+    exception keeps its traceback."""
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+    def print_exc(self, *args, **kwargs):
+        error = sys.exc_info()[1]
+        if isinstance(error, gr.Error):
+            print(f"ControlNet Studio: {error.message}", file=sys.stderr, flush=True)
+            return
+        self._module.print_exc(*args, **kwargs)
+
+
+def _log_user_errors_in_one_line() -> None:
+    from gradio import routes
+
+    if isinstance(getattr(routes, "traceback", None), type(traceback)):  # a gradio that prints this way
+        routes.traceback = _UserErrorsInOneLine(routes.traceback)
+
+
 def _javascript() -> str:
     # The WebUI loads javascript/*.js itself; here gradio runs them once the page is up.
     parts = [p.read_text(encoding="utf-8") for p in sorted(JAVASCRIPT_DIR.glob("*.js"))]
     return "() => {\n" + "\n".join(parts) + "\n}"
 
 
-def _mount_optional_tab(title: str, module: str, builder: str) -> None:
+def _mount_optional_tab(title: str, module: str, builder: str, **kwargs) -> None:
     with gr.Tab(title, elem_id=f"tab_{title.lower()}"):
         try:
             build = getattr(__import__(module, fromlist=[builder]), builder)
         except (ImportError, AttributeError) as error:
             gr.Markdown(f"The {title} tab is not available in this build ({error}).")
             return
-        build()
+        build(**kwargs)
 
 
 def build_blocks(generator: StandaloneGenerator, unit_count: int) -> gr.Blocks:
@@ -137,7 +167,8 @@ def build_blocks(generator: StandaloneGenerator, unit_count: int) -> gr.Blocks:
                         info = gr.Textbox(label="Generation parameters", interactive=False, lines=4,
                                           elem_id="txt2img_info")
             _mount_optional_tab("Dataset", "lib_controlnet.ui.dataset_tab", "build_dataset_tab")
-            _mount_optional_tab("Train", "lib_controlnet.ui.train_tab", "build_train_tab")
+            _mount_optional_tab("Train", "lib_controlnet.ui.train_tab", "build_train_tab",
+                                default_base=str(generator.base) if generator.base else "")
 
         def on_generate(prompt_text, negative_text, w, h, n_steps, cfg_scale, seed_value, *panel_values):
             try:
@@ -148,7 +179,8 @@ def build_blocks(generator: StandaloneGenerator, unit_count: int) -> gr.Blocks:
                 gallery_items, infotexts = [], []
                 for job_units in batch_jobs(units):  # batch mode: one generation per folder image
                     job = api.GenerationJob(prompt=prompt_text, negative_prompt=negative_text, steps=int(n_steps),
-                                            width=int(w), height=int(h), seed=int(seed_value),
+                                            width=int(w), height=int(h),
+                                            seed=-1 if seed_value is None else int(seed_value),  # cleared box
                                             cfg_scale=float(cfg_scale), units=job_units)
                     output = generator(job)
                     gallery_items += list(output.images) + list(output.detected_maps)
@@ -160,6 +192,10 @@ def build_blocks(generator: StandaloneGenerator, unit_count: int) -> gr.Blocks:
         run_button.click(on_generate, [prompt, negative, width, height, steps, cfg, seed] + panel.inputs(),
                          [gallery, info])
         demo.load(None, None, None, _js=_javascript())
+    # The Dataset and Train tabs stream progress from generators, which gradio 3.41 runs only through its queue
+    # (the WebUI turns it on for its own Blocks). Several workers: a build or a training run holds one for as
+    # long as it streams, and generation, previews and the other tab must not wait behind it.
+    demo.queue(concurrency_count=QUEUE_WORKERS)
     return demo
 
 
@@ -170,4 +206,5 @@ def create_app(options: AppOptions) -> FastAPI:
     api.register_routes(app)
     api.register_generation_routes(app, generator)
     demo = build_blocks(generator, unit_count)
+    _log_user_errors_in_one_line()
     return gr.mount_gradio_app(app, demo, path="/")

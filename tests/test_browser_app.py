@@ -32,12 +32,20 @@ def photo_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def page(tmp_path_factory):
+def served(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("browser-server")
+    assets = make_assets(folder)
+    with running_server(folder, assets, unit_count=2) as server:
+        yield server, assets
+
+
+@pytest.fixture(scope="module")
+def page(served):
     from playwright.sync_api import sync_playwright
 
-    folder = tmp_path_factory.mktemp("browser-server")
+    server, _ = served
     ARTIFACTS.mkdir(exist_ok=True)
-    with running_server(folder, make_assets(folder), unit_count=2) as server, sync_playwright() as pw:
+    with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
             "--disable-sync", "--no-first-run"])
@@ -121,3 +129,206 @@ def test_dataset_and_train_tabs_are_mounted(page):
         assert "not available in this build" not in panel.inner_text()
         assert panel.locator("button, input, textarea").count() > 0
     page.locator("#tabs button", has_text="txt2img").first.click()
+
+
+# ---------------------------------------------------------------- Dataset and Train tabs: the jobs run in the page
+
+
+def _open_tab(page, title: str):
+    page.locator("#tabs button", has_text=title).first.click()
+    panel = page.locator(f"#tab_{title.lower()}")
+    panel.wait_for(state="visible")
+    return panel
+
+
+def _fill(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} textarea, #{elem_id} input").first
+    box.fill(str(value))
+    box.blur()
+
+
+def _text(page, elem_id: str) -> str:
+    return page.locator(f"#{elem_id} textarea").input_value()
+
+
+def _plot_pixels(page) -> str:
+    """What the metrics plot shows now: its rendered canvas or svg."""
+    return page.evaluate("""() => {
+        const root = document.querySelector('#cntr_loss');
+        const canvas = root && root.querySelector('canvas');
+        if (canvas) return canvas.toDataURL();
+        const svg = root && root.querySelector('svg');
+        return svg ? svg.outerHTML : '';
+    }""")
+
+
+def _server_log(server) -> str:
+    return server.log_path.read_text(errors="replace")
+
+
+def test_train_tab_base_is_prefilled_with_serve_base(page, served):
+    _, assets = served
+    _open_tab(page, "Train")
+    assert _text(page, "cntr_base") == str(assets["base"])
+
+
+def test_dataset_build_from_a_local_folder_writes_the_dataset(page, tmp_path):
+    import pyarrow.parquet as pq
+
+    from lib_controlnet.train.synthetic import write_images
+
+    write_images(tmp_path / "photos", 3, size=48, seed=5)
+    out = tmp_path / "dataset"
+    _open_tab(page, "Dataset")
+    _fill(page, "cnds_out_dir", out)
+    page.locator("#controlnet_dataset button", has_text="Local").first.click()
+    _fill(page, "cnds_image_dir", tmp_path / "photos")
+    page.locator("#controlnet_dataset .label-wrap", has_text="Options").first.click()
+    _fill(page, "cnds_image_size", 64)
+    page.locator("#cnds_build").click()
+    page.wait_for_function("/(done|stopped):/.test(document.querySelector('#cnds_status textarea').value)",
+                           timeout=120_000)
+    page.screenshot(path=str(ARTIFACTS / "browser-dataset-build.png"), full_page=True)
+    status = _text(page, "cnds_status")
+    assert "done: 3 samples written" in status, status
+    table = pq.read_table(sorted((out / "data").glob("train-*.parquet")))
+    assert table.num_rows == 3 and {"image", "conditioning_image", "text"} <= set(table.column_names)
+    assert (out / "manifest.json").is_file() and (out / "README.md").is_file()
+    page.wait_for_function("document.querySelectorAll('#cnds_gallery img').length >= 6")  # 3 (image, map) pairs
+
+
+def _start_training(page, dataset: Path, output_dir: Path, export_dir: Path, steps: int, name: str,
+                    resolution: int = 64, validate_every: int = 0) -> None:
+    _open_tab(page, "Train")
+    _fill(page, "cntr_dataset", dataset)
+    _fill(page, "cntr_output_dir", output_dir)
+    _fill(page, "cntr_resolution", resolution)
+    _fill(page, "cntr_max_train_steps", steps)
+    _fill(page, "cntr_train_batch_size", 1)
+    accordion = page.locator("#controlnet_train .label-wrap", has_text="Checkpoints, validation, export").first
+    if not page.locator("#cntr_export_dir").is_visible():
+        accordion.click()
+    _fill(page, "cntr_checkpointing_steps", 1000)
+    _fill(page, "cntr_validation_steps", validate_every)
+    _fill(page, "cntr_validation_prompts", "a square" if validate_every else "")
+    _fill(page, "cntr_validation_images", dataset / "conditioning" / "0000.png" if validate_every else "")
+    _fill(page, "cntr_export_dir", export_dir)
+    _fill(page, "cntr_export_name", name)
+    page.locator("#cntr_start").click()
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> Path:
+    from lib_controlnet.train.synthetic import write_folder_pair
+
+    return write_folder_pair(tmp_path_factory.mktemp("pairs"), 4, size=64, seed=2)
+
+
+def _step(status: str, pattern: str = r"step (\d+)/") -> int:
+    import re
+
+    found = re.search(pattern, status)
+    return int(found.group(1)) if found else 0
+
+
+def test_training_streams_progress_and_plot_and_cancel_leaves_a_checkpoint(page, served, pairs, tmp_path):
+    from lib_controlnet.train import checkpoint as ckpt
+
+    server, _ = served
+    _start_training(page, pairs, tmp_path / "run", tmp_path / "models", 10_000, "cancelled", validate_every=6)
+    empty_plot = _plot_pixels(page)
+    page.wait_for_function("/step [2-9]\\d*\\/|error:/.test(document.querySelector('#cntr_status textarea').value)",
+                           timeout=120_000)
+    assert "error:" not in _text(page, "cntr_status"), _text(page, "cntr_status")
+    first_status, first_plot = _text(page, "cntr_status"), _plot_pixels(page)
+    first_bar = page.locator("#cntr_progress").last.inner_html()
+    page.wait_for_function(f"(() => {{ const m = /step (\\d+)\\//.exec(document.querySelector('#cntr_status "
+                           f"textarea').value); return m && +m[1] >= {_step(first_status) + 2}; }})()")
+    later_status, later_plot = _text(page, "cntr_status"), _plot_pixels(page)
+    page.screenshot(path=str(ARTIFACTS / "browser-train-running.png"), full_page=True)
+    assert first_plot and first_plot != empty_plot and later_plot != first_plot  # the curve grows in the page
+    assert _step(later_status) > _step(first_status) and "loss" in later_status
+    assert "cnst-progress" in first_bar
+    page.wait_for_function("document.querySelectorAll('#cntr_gallery img').length >= 1")  # validation images
+
+    page.locator("#cntr_cancel").click()
+    page.wait_for_function("document.querySelector('#cntr_status textarea').value.includes('cancelled after')",
+                           timeout=120_000)
+    status = _text(page, "cntr_status")
+    stopped_at = _step(status, r"cancelled after (\d+) steps")
+    assert stopped_at >= _step(later_status)
+    latest = ckpt.resolve_resume(tmp_path / "run", "latest")  # what `--resume-from latest` would continue
+    assert latest is not None and ckpt.read_state(latest)["global_step"] == stopped_at
+    assert ckpt.load_controlnet(latest) is not None
+    assert not list((tmp_path / "models").glob("*.safetensors"))  # a cancelled run exports nothing
+    assert "Traceback" not in _server_log(server)
+
+
+def test_training_runs_to_the_end_and_exports(page, served, pairs, tmp_path):
+    from lib_controlnet.models import inspect_model
+
+    server, assets = served
+    _start_training(page, pairs, tmp_path / "run", assets["models"], 3, "control_ui_trained")
+    page.wait_for_function("document.querySelector('#cntr_exported textarea').value.includes('.safetensors') || "
+                           "document.querySelector('#cntr_status textarea').value.startsWith('error:')",
+                           timeout=180_000)
+    assert "error:" not in _text(page, "cntr_status"), _text(page, "cntr_status")
+    exported = Path(_text(page, "cntr_exported").splitlines()[0])
+    assert exported == assets["models"] / "control_ui_trained.safetensors" and exported.is_file()
+    assert inspect_model(exported).base == "sd15"
+    assert "finished after 3 steps" in _text(page, "cntr_status")
+    assert "Traceback" not in _server_log(server)
+
+
+def test_bad_training_settings_show_a_message_not_a_traceback(page, served, pairs, tmp_path):
+    server, _ = served
+    _start_training(page, pairs, tmp_path / "run", tmp_path / "models", 2, "bad", resolution=30)
+    page.wait_for_function("document.querySelector('#cntr_status textarea').value.startsWith('error:')")
+    assert "multiple of 8" in _text(page, "cntr_status")
+    assert "Traceback" not in _server_log(server)
+
+
+def _open_models(page, unit: str) -> list:
+    """Opens the unit's Model dropdown; its options."""
+    page.locator(f"{unit}_model input").click()
+    page.locator(f"{unit}_model ul li").first.wait_for()
+    return [text.replace("✓", "").strip() for text in page.locator(f"{unit}_model ul li").all_inner_texts()]
+
+
+def test_refresh_lists_a_new_model_in_every_unit_and_under_its_type(page, served):
+    from lib_controlnet import tiny_models
+    from lib_controlnet.models import save_controlnet_ldm
+
+    _, assets = served
+    unit1 = "#txt2img_controlnet_unit1"
+    added = assets["models"] / "mydata-250.safetensors"  # a name that tells no control type, as training exports
+    shutil.copy(assets["models"] / f"{MODEL_STEM}.safetensors", added)
+    _open_tab(page, "txt2img")
+    page.locator("button", has_text="ControlNet Unit 0").first.click()
+    page.locator(f"{UNIT}_refresh_models").click()
+    page.wait_for_function(f"document.querySelector('{UNIT}_model input') !== null")
+    page.wait_for_timeout(500)  # the refresh answers without the queue, at once
+    page.locator("button", has_text="ControlNet Unit 1").first.click()
+    page.locator(f"{unit1}_control_type label", has_text="Canny").first.click()
+    page.wait_for_function(f"document.querySelector('{unit1}_module input')?.value === 'canny'")
+    options = _open_models(page, unit1)
+    new_name = next((o for o in options if o.startswith("mydata-250 [")), None)
+    assert new_name, options  # refreshed in unit 0, listed in unit 1, and offered under Canny
+    page.locator(f"{unit1}_model ul li", has_text="mydata-250").first.click()
+    page.wait_for_function(f"document.querySelector('{unit1}_model input').value === '{new_name}'")
+    save_controlnet_ldm(tiny_models.tiny_controlnet("sd15"), added, dtype="fp16")  # exported again: a new hash
+    page.locator(f"{unit1}_refresh_models").click()
+    page.wait_for_function(f"(() => {{ const v = document.querySelector('{unit1}_model input').value; "
+                           f"return v.startsWith('mydata-250 [') && v !== '{new_name}'; }})()")
+
+
+def test_user_error_in_the_panel_is_a_message_and_logs_no_traceback(page, served):
+    server, _ = served
+    _open_tab(page, "txt2img")
+    page.locator("button", has_text="ControlNet Unit 1").first.click()
+    page.locator("#txt2img_controlnet_unit1_preview_button").click()  # no control image uploaded in unit 1
+    toast = page.wait_for_selector(".toast-body.error >> text=Upload a control image first")
+    assert toast.is_visible()
+    page.wait_for_timeout(500)  # the server writes its log line after answering
+    log = _server_log(server)
+    assert "Upload a control image first" in log and "Traceback" not in log, log[-3000:]

@@ -24,7 +24,7 @@ class BackgroundTraining:
 
     def _reset(self) -> None:
         self.progress = None
-        self.losses: list[float] = []
+        self.series: dict[str, dict[int, float]] = {}  # metric name -> {step: value}; "loss" and Progress.metrics
         self.messages: list[str] = []
         self.validation: list = []  # [(step, [(prompt, image, path)])]
         self.result = None
@@ -66,9 +66,15 @@ class BackgroundTraining:
             self.error = f"Training failed: {error}"
             self.messages.append(traceback.format_exc())
 
+    @property
+    def losses(self) -> list[float]:
+        return list(self.series.get("loss", {}).values())
+
     def _on_progress(self, progress) -> None:
         self.progress = progress
-        self.losses.append(progress.loss)
+        for name, value in {"loss": progress.loss, **progress.metrics}.items():
+            if value is not None:
+                self.series.setdefault(str(name), {})[progress.step] = float(value)
 
     def _on_validation(self, step: int, images: list) -> None:
         self.validation.append((step, images))

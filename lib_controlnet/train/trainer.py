@@ -37,6 +37,9 @@ class Progress:
     elapsed_s: float
     eta_s: float
     message: str = ""
+    # Other named scalars measured at this step (a validation score, ...). The Train tab plots each name as its
+    # own series beside the loss; a Progress sent again for the same step adds its metrics to that step.
+    metrics: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass

@@ -102,3 +102,25 @@ def control_types(update_models: bool = False) -> dict[str, dict]:
             "default_model": type_models[0] if type_models else NO_MODEL,
         }
     return out
+
+
+def panel_model_choices(types: dict[str, dict], control_type: str) -> list[str]:
+    """The panel's Model choices for a control type: the type's own models, then every model whose name tells no
+    type at all (a freshly trained "controlnet-mydata-1000"). The HTTP API lists those under "All" only, as the
+    other extension does; the panel offers them under every type too, or a user's own model could never be used
+    with the preprocessor its control type selects."""
+    entry = types.get(control_type) or types[ALL_TYPES]
+    if control_type == ALL_TYPES or control_type not in types:
+        return list(entry["model_list"])
+    typed = {model for name, other in types.items() if name != ALL_TYPES for model in other["model_list"]}
+    untyped = [model for model in types[ALL_TYPES]["model_list"] if model not in typed]
+    return list(entry["model_list"]) + untyped
+
+
+def same_model(choices: list[str], current: str) -> str | None:
+    """`current` if still listed, else the listed model of the same file name (a file exported again under its
+    name gets a new "[hash]"), else None."""
+    if current in choices:
+        return current
+    stem = str(current or "").rsplit(" [", 1)[0]
+    return next((name for name in choices if name != NO_MODEL and name.rsplit(" [", 1)[0] == stem), None)

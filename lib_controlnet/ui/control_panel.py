@@ -34,6 +34,7 @@ class UnitControls:
     index: int
     components: dict  # UNIT_FIELDS name -> component
     preview: gr.Image = None
+    refresh: gr.Button = None
 
     def ordered(self) -> list:
         return [self.components[name] for name in UNIT_FIELDS]
@@ -87,20 +88,27 @@ def on_control_type_change(control_type: str, module: str, model: str):
     pasted parameters, which set type, module and model together, survive this event)."""
     types = catalog.control_types()
     entry = types.get(control_type) or types[catalog.ALL_TYPES]
+    models = catalog.panel_model_choices(types, control_type)
     keep_module = module in entry["module_list"] and module != catalog.NO_MODULE
-    keep_model = model in entry["model_list"] and model != catalog.NO_MODEL
+    keep_model = model in models and model != catalog.NO_MODEL
     return (gr.update(choices=entry["module_list"], value=module if keep_module else entry["default_option"]),
-            gr.update(choices=entry["model_list"], value=model if keep_model else entry["default_model"]))
+            gr.update(choices=models, value=model if keep_model else entry["default_model"]))
 
 
-def refresh_models(control_type: str, current: str):
+def refresh_models(*types_and_models):
+    """Rescan the model folders and update every unit's Model dropdown (a file added shows up in all of them),
+    each keeping its choice; arguments are (control type, model) per unit."""
     try:
         catalog.model_names(update=True)
-        entry = catalog.control_types().get(control_type) or catalog.control_types()[catalog.ALL_TYPES]
+        types = catalog.control_types()
     except UserError as error:
         raise gr.Error(str(error)) from None
-    choices = entry["model_list"]
-    return gr.update(choices=choices, value=current if current in choices else choices[0])
+    updates = []
+    for control_type, current in zip(types_and_models[::2], types_and_models[1::2]):
+        choices = catalog.panel_model_choices(types, control_type)
+        kept = catalog.same_model(choices, current)
+        updates.append(gr.update(choices=choices, value=kept if kept is not None else choices[0]))
+    return updates[0] if len(updates) == 1 else updates
 
 
 def run_preview(sketch, module, processor_res, threshold_a, threshold_b, pixel_perfect, resize_mode,
@@ -198,14 +206,13 @@ def _build_unit(index: int, options: PanelOptions, modules: list, models: list, 
     if options.is_img2img:  # the unit's own image only matters when it does not follow the img2img input
         c["independent_image"].change(lambda own: gr.update(visible=own), [c["independent_image"]], [c["image"]],
                                       queue=False)
-    refresh.click(refresh_models, [c["control_type"], c["model"]], [c["model"]], queue=False)
     size = [options.width, options.height] if options.width is not None and options.height is not None else []
     preview_inputs = [c["image"], c["module"], c["processor_res"], c["threshold_a"], c["threshold_b"],
                       c["pixel_perfect"], c["resize_mode"]] + size
     preview_button.click(run_preview, preview_inputs, [preview])
     if size:
         dims_button.click(send_dimensions, [c["image"]], size, queue=False)
-    return UnitControls(index, c, preview)
+    return UnitControls(index, c, preview, refresh)
 
 
 def build_control_panel(options: PanelOptions) -> ControlPanel:
@@ -224,4 +231,7 @@ def build_control_panel(options: PanelOptions) -> ControlPanel:
                 with gr.Tab(f"ControlNet Unit {i}", elem_id=f"{options.elem_prefix}_unit{i}_tab",
                             elem_classes=["cnet-unit-tab"]):
                     units.append(_build_unit(i, options, modules, models, types))
+    pairs = [component for unit in units for component in (unit.components["control_type"], unit.components["model"])]
+    for unit in units:  # any unit's refresh button updates all of them
+        unit.refresh.click(refresh_models, pairs, [u.components["model"] for u in units], queue=False)
     return ControlPanel(units)

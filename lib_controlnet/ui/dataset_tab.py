@@ -2,8 +2,9 @@
 preview gallery. It drives the same resumable job as `python -m lib_controlnet dataset build`, in a thread.
 
 `build_dataset_tab()` adds its components to the Blocks context it is called in (the WebUI's own tab, or the
-standalone app's). Progress streams from a generator, so the Blocks need `.queue()` (the WebUI has it on);
-without a queue, the Refresh button shows the same progress on demand.
+standalone app's). Progress streams from a generator, so the Blocks need `.queue()` (the WebUI and the standalone
+app turn it on); Refresh shows the same progress on demand, e.g. after reloading the page during a build.
+Bad input and failed builds end in the Progress box as one sentence, never as an exception.
 """
 from __future__ import annotations
 
@@ -32,6 +33,14 @@ def _words(text) -> list:
     return [word.strip() for word in str(text or "").split(",") if word.strip()]
 
 
+def _number(name: str, value, kind):
+    """A Number box's value; a cleared box arrives as None."""
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{name.replace('_', ' ').capitalize()} must be a number, not {value!r}.") from None
+
+
 def config_from_values(values: dict) -> BuildConfig:
     """UI values (strings, floats, empty boxes) -> a validated BuildConfig."""
     data = dict(values)
@@ -47,13 +56,13 @@ def config_from_values(values: dict) -> BuildConfig:
     for name in ("knn_url", "template", "url_list", "image_dir", "hf_dataset_dir", "captioner_path"):
         data[name] = str(data.get(name) or "").strip() or None
     for name in ("aesthetic_score", "max_samples", "module_resolution"):
-        data[name] = int(data[name]) if data.get(name) not in (None, "", 0) else None
+        data[name] = _number(name, data[name], int) if data.get(name) not in (None, "", 0) else None
     for name in ("max_aspect_ratio", "threshold_a", "threshold_b"):
-        data[name] = float(data[name]) if data.get(name) not in (None, "", 0) else None
+        data[name] = _number(name, data[name], float) if data.get(name) not in (None, "", 0) else None
     for name in ("num_images", "image_size", "min_image_size", "retries", "thread_count", "processes_count"):
-        data[name] = int(data[name])
+        data[name] = _number(name, data.get(name), int)
     for name in ("aesthetic_weight", "timeout"):
-        data[name] = float(data[name])
+        data[name] = _number(name, data.get(name), float)
     config = BuildConfig.from_dict(data)
     config.require_runnable()
     return config
@@ -142,6 +151,8 @@ def build_dataset_tab(runner: BackgroundBuild | None = None):
             refresh = gr.Button("Refresh progress", elem_id="cnds_refresh")
         status = gr.Textbox(label="Progress", lines=7, interactive=False, elem_id="cnds_status")
         gallery = gr.Gallery(label="Preview (image, conditioning)", columns=4, elem_id="cnds_gallery")
+    for name, component in c.items():  # every field gets a stable id, for user CSS and the browser tests
+        component.elem_id = component.elem_id or f"cnds_{name}"
 
     def on_build(*values):
         try:
@@ -162,8 +173,10 @@ def build_dataset_tab(runner: BackgroundBuild | None = None):
     def on_refresh(out_dir):
         return runner.status_text(), preview_images(runner.config.out_dir if runner.config else out_dir)
 
-    build.click(on_build, [c[name] for name in FIELDS], [status, gallery])
-    cancel.click(on_cancel, None, [status])
-    refresh.click(on_refresh, [c["out_dir"]], [status, gallery])  # also works where the queue is off
+    # The build streams (queued, a progress timer only: the boxes stay readable); Cancel and Refresh skip the
+    # queue so they answer at once whatever the queue holds.
+    build.click(on_build, [c[name] for name in FIELDS], [status, gallery], show_progress="minimal")
+    cancel.click(on_cancel, None, [status], queue=False)
+    refresh.click(on_refresh, [c["out_dir"]], [status, gallery], queue=False)
     return {"components": c, "build": build, "cancel": cancel, "status": status, "gallery": gallery,
             "runner": runner, "on_build": on_build, "on_cancel": on_cancel, "on_refresh": on_refresh}

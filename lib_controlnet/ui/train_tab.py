@@ -1,6 +1,9 @@
-"""The Train tab (gradio 3.41): dataset folder, base model, options, Start / Cancel, a live loss curve, a progress
-bar with ETA, the validation gallery and the exported file. The run is `lib_controlnet.train` in a background
-thread (`BackgroundTraining`); the tab polls it from a generator, so the Blocks need `.queue()`.
+"""The Train tab (gradio 3.41): dataset folder, base model, options, Start / Cancel, a live plot of the training
+metrics, a progress bar with ETA, the validation gallery and the exported file. The run is `lib_controlnet.train`
+in a background thread (`BackgroundTraining`); the tab polls it from a generator, so the Blocks need `.queue()`.
+
+The plot draws every series in `BackgroundTraining.series`: the loss of each step and every name the trainer puts
+in `Progress.metrics` (e.g. a validation score), one coloured line per name, with no change here.
 
 `build_train_tab()` adds its components to the Blocks context it is called in.
 """
@@ -47,10 +50,18 @@ def progress_html(fraction: float, eta_s: float | None) -> str:
             f"<span>{percent:.0f}%{html.escape(eta)}</span>")
 
 
-def loss_frame(losses: list[float]):
+POLL_S = 0.5  # how often the page gets the run's state
+
+
+def metrics_frame(series: dict):
+    """{name: {step: value}} -> the long table the plot reads: one row per (step, value, metric)."""
     import pandas as pd
 
-    return pd.DataFrame({"step": list(range(1, len(losses) + 1)), "loss": [float(v) for v in losses]})
+    rows = [(int(step), float(value), str(name))
+            for name, points in list(series.items()) for step, value in sorted(dict(points).items())]
+    if not rows:
+        return None  # an empty plot (altair cannot tell the column types of an empty table)
+    return pd.DataFrame(rows, columns=["step", "value", "metric"])
 
 
 def gallery_items(validation: list) -> list:
@@ -67,9 +78,10 @@ def exported_text(runner: BackgroundTraining) -> str:
     return "\n".join(str(p) for p in (result.exported, result.exported_diffusers, result.report) if p)
 
 
-def build_train_tab(runner: BackgroundTraining | None = None, loaded_checkpoint=None):
+def build_train_tab(runner: BackgroundTraining | None = None, loaded_checkpoint=None, default_base: str = ""):
     """`loaded_checkpoint`: () -> path of the checkpoint the WebUI has loaded; with it, the tab offers that model as
-    the base, and `runner.base_provider` loads it with the UNet weights the WebUI holds in memory."""
+    the base, and `runner.base_provider` loads it with the UNet weights the WebUI holds in memory.
+    `default_base`: what the Base model box starts with (the standalone app's `serve --base`)."""
     import gradio as gr
 
     runner = runner or BackgroundTraining()
@@ -82,8 +94,8 @@ def build_train_tab(runner: BackgroundTraining | None = None, loaded_checkpoint=
             with gr.Column():
                 use_loaded = gr.Checkbox(value=loaded_checkpoint is not None, visible=loaded_checkpoint is not None,
                                          label="Base: the WebUI's loaded checkpoint", elem_id="cntr_use_loaded")
-                c["base"] = gr.Textbox(label="Base model (diffusers folder or SD checkpoint file)",
-                                       elem_id="cntr_base")
+                c["base"] = gr.Textbox(value=default_base or "", label="Base model (diffusers folder or SD "
+                                       "checkpoint file)", elem_id="cntr_base")
         with gr.Row():
             c["output_dir"] = gr.Textbox(value=d.output_dir, label="Training folder (checkpoints, report)",
                                          elem_id="cntr_output_dir")
@@ -143,14 +155,16 @@ def build_train_tab(runner: BackgroundTraining | None = None, loaded_checkpoint=
             cancel = gr.Button("Cancel", elem_id="cntr_cancel")
         bar = gr.HTML(progress_html(0, None), elem_id="cntr_progress")
         status = gr.Textbox(label="Status", lines=6, interactive=False, elem_id="cntr_status")
-        curve = gr.LinePlot(loss_frame([]), x="step", y="loss", title="Training loss", width=500, height=250,
-                            elem_id="cntr_loss")
+        curve = gr.LinePlot(metrics_frame({}), x="step", y="value", color="metric", title="Training metrics",
+                            tooltip=["metric", "step", "value"], width=500, height=250, elem_id="cntr_loss")
         gallery = gr.Gallery(label="Validation images", columns=4, elem_id="cntr_gallery")
         exported = gr.Textbox(label="Exported files", interactive=False, elem_id="cntr_exported")
+    for name, component in c.items():  # every field gets a stable id, for user CSS and the browser tests
+        component.elem_id = component.elem_id or f"cntr_{name}"
 
     def snapshot():
         eta = runner.progress.eta_s if runner.progress else None
-        return (progress_html(runner.fraction(), eta), runner.status_text(), loss_frame(runner.losses),
+        return (progress_html(runner.fraction(), eta), runner.status_text(), metrics_frame(runner.series),
                 gallery_items(runner.validation), exported_text(runner))
 
     def on_start(use_loaded_checkpoint, *values):
@@ -160,19 +174,24 @@ def build_train_tab(runner: BackgroundTraining | None = None, loaded_checkpoint=
             if from_webui:
                 config.base = loaded_checkpoint()
             runner.start(config, use_base_provider=from_webui)
-        except UserError as error:
-            yield progress_html(0, None), f"error: {error}", loss_frame([]), [], ""
+        except UserError as error:  # bad settings, a run already going: one sentence in the status box
+            yield progress_html(0, None), f"error: {error}", metrics_frame({}), [], ""
             return
         while runner.running:
             yield snapshot()
-            time.sleep(1.0)
+            time.sleep(POLL_S)
         yield snapshot()
 
     def on_cancel():
+        if not runner.running:
+            return runner.status_text() or "No training run is going."
         runner.cancel()
         return "cancelling: the run stops after this step and saves a checkpoint"
 
-    start.click(on_start, [use_loaded] + [c[name] for name in FIELDS], [bar, status, curve, gallery, exported])
-    cancel.click(on_cancel, None, [status])
+    # Start streams through the queue (a progress timer only, so the plot and boxes stay readable); Cancel skips
+    # the queue so it answers at once whatever the queue holds.
+    start.click(on_start, [use_loaded] + [c[name] for name in FIELDS], [bar, status, curve, gallery, exported],
+                show_progress="minimal")
+    cancel.click(on_cancel, None, [status], queue=False)
     return {"components": c, "use_loaded": use_loaded, "start": start, "cancel": cancel, "status": status, "curve": curve, "gallery": gallery,
             "exported": exported, "progress": bar, "runner": runner, "on_start": on_start, "on_cancel": on_cancel}
