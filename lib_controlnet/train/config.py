@@ -76,6 +76,8 @@ class TrainConfig:
     validation_images: list = dataclasses.field(default_factory=list)
     validation_inference_steps: int = 20
     validation_seed: int = 0
+    fidelity_samples: int = 4  # dataset rows held out of training and scored for control fidelity; 0 = off
+    fidelity_module: str = ""  # preprocessor that re-detects the condition; "" = the one the dataset was built with
     # --- export
     export_dir: str = ""  # ControlNet models folder; "" = the extension's models folder
     export_name: str = ""  # file stem; "" = controlnet-<dataset>-<steps>
@@ -140,6 +142,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be at least 1.")
         if self.resolution % 8:
             raise ConfigError(f"resolution must be a multiple of 8 (the VAE downsamples 8x), not {self.resolution}.")
+        if self.fidelity_samples < 0:
+            raise ConfigError("fidelity_samples must be 0 (off) or more.")
         if self.max_train_steps is not None and self.max_train_steps < 1:
             raise ConfigError("max_train_steps must be at least 1 (or left empty to train by epochs).")
         if not 0.0 <= self.proportion_empty_prompts <= 1.0:
