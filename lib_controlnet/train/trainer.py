@@ -199,7 +199,10 @@ class Trainer:
         validator = Validator(base, config, device, weight_dtype)
         fidelity = None
         if heldout is not None and accelerator.is_main_process:
-            fidelity = FidelityValidator(base, config, device, weight_dtype, heldout.rows(), *self._fidelity_module)
+            try:  # reads the held-out rows and runs the preprocessor once: a missing weight file shows here
+                fidelity = FidelityValidator(base, config, device, weight_dtype, heldout.rows(), *self._fidelity_module)
+            except Exception as error:  # fidelity is a measurement: without it, training still runs
+                self._message(f"Control fidelity is off: {self._fidelity_module[0]} cannot run ({error}).")
         if config.cache_text_embeddings:
             base.text_encoder.to("cpu")  # every prompt it would encode is cached now
         step = TrainingStep(base, controlnet, unet, device, weight_dtype, noise_generator, cache, accelerator,

@@ -166,6 +166,7 @@ class FidelityValidator:
         self.hints = [to_hint(hint.resize(size, Image.BICUBIC)) for _, hint, _ in rows]
         self.conditions = [self.detector.condition(hint.resize(size, Image.BICUBIC), source.resize(size))
                            for _, hint, source in rows]
+        self.detector.observe(rows[0][2].resize(size))  # fails now, not mid-run, if the preprocessor cannot run
         self.embeddings = encode_prompts(base, [text for text, _, _ in rows] + [""], device)
         score = self.detector.score
         self.history = FidelityHistory(score.name, module, len(rows), score.definition)
