@@ -211,6 +211,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=32, help="batch size for both stages (default 32)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's choice (default 0)")
     parser.add_argument("--samples", default="", help="also write a grid of generated samples to this PNG")
+    parser.add_argument("--init", default="", help="start from this weights file (e.g. a partial one) instead of "
+                                                   "random weights; --vae-steps 0 then keeps its VAE")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -220,9 +222,9 @@ def main(argv=None) -> int:
     def log(text):
         print(f"[{time.monotonic() - started:6.0f}s] {text}", flush=True)
 
-    parts = tiny_models.tiny_sd_components("sd15", seed=0)
+    parts = load_components(args.init) if args.init else tiny_models.tiny_sd_components("sd15", seed=0)
     text_encoder, tok = parts["text_encoder"].requires_grad_(False), parts["tokenizer"]
-    vae = train_vae(parts["vae"], args.vae_steps, args.batch, log)
+    vae = train_vae(parts["vae"], args.vae_steps, args.batch, log) if args.vae_steps else parts["vae"]
     vae.requires_grad_(False)
     def checkpoint(unet, step):  # a usable file along the way
         save_weights(args.out, unet.eval(), vae, text_encoder, tok, dict(unet_steps=step, partial=True))

@@ -144,19 +144,32 @@ def load_and_generate(out: Path, config, result, held_out: int) -> dict:
 
 
 def comparison_strip(columns: dict, path: Path, cell: int = 96) -> Path:
+    """One row per kind (condition, untrained, trained), one column per held-out row."""
     from PIL import Image, ImageDraw
 
-    titles = list(columns)
-    rows = len(columns[titles[0]])
-    strip = Image.new("RGB", (len(titles) * cell, 16 + rows * cell), "white")
+    label = 72
+    kinds = list(columns)
+    count = len(columns[kinds[0]])
+    strip = Image.new("RGB", (label + count * cell, len(kinds) * cell), "white")
     draw = ImageDraw.Draw(strip)
-    for column, title in enumerate(titles):
-        draw.text((column * cell + 4, 2), title, fill="black")
-        for row, image in enumerate(columns[title]):
+    for row, kind in enumerate(kinds):
+        draw.text((4, row * cell + cell // 2 - 6), kind, fill="black")
+        for column, image in enumerate(columns[kind]):
             strip.paste(Image.open(image).convert("RGB").resize((cell, cell), Image.NEAREST),
-                        (column * cell, 16 + row * cell))
+                        (label + column * cell, row * cell))
     strip.save(path)
     return path
+
+
+def steepest(history) -> list[str]:
+    """Where the curve gained most: one interval holding most of the gain is the paper's "sudden convergence"."""
+    rounds = history.rounds
+    gain = rounds[-1][1] - rounds[0][1] if len(rounds) > 2 else 0
+    if gain <= 0:
+        return []
+    (a, before), (b, after) = max(zip(rounds, rounds[1:]), key=lambda pair: pair[1][1] - pair[0][1])
+    return [f"- Largest gain between two rounds: steps {a} -> {b} ({before:.3f} -> {after:.3f}), "
+            f"{100 * (after - before) / gain:.0f}% of the whole gain over {len(rounds) - 1} intervals"]
 
 
 def write_demo_report(out: Path, result, generated: dict, seconds: float) -> Path:
@@ -185,7 +198,7 @@ def write_demo_report(out: Path, result, generated: dict, seconds: float) -> Pat
     if history is not None and history.rounds:
         from lib_controlnet.train.report import fidelity_lines
 
-        lines += ["## Control fidelity", "", *fidelity_lines(history, result.train_seconds), "",
+        lines += ["## Control fidelity", "", *fidelity_lines(history, result.train_seconds), *steepest(history), "",
                   f"![fidelity curve]({rel(training / 'fidelity_curve.png')})", ""]
     lines += ["## Loss", "", f"![loss curve]({rel(training / 'loss_curve.png')})", "",
               "## Prompts of the rows", "", *[f"{i}. {p}" for i, p in enumerate(generated["prompts"])], ""]

@@ -240,7 +240,6 @@ class Trainer:
                 step_loss = accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean").item()
                 micro_losses = []
                 losses.append(step_loss)
-                cancelled = self.cancel_event.is_set()
                 at_end = global_step >= total_steps
                 if fidelity is not None and (at_end or (config.validation_steps
                                                         and global_step % config.validation_steps == 0)):
@@ -249,6 +248,7 @@ class Trainer:
                 self._report_progress(global_step, step_loss, lr_scheduler.get_last_lr()[0], epoch, run_state,
                                       metrics)
                 metrics = {}
+                cancelled = self.cancel_event.is_set()  # after the progress callback, which may have asked
                 if at_end or cancelled or (config.checkpointing_steps and global_step % config.checkpointing_steps == 0):
                     result.checkpoint = self._save(accelerator, global_step, epoch, cursor, losses, raw_controlnet,
                                                    unet, optimizer, lr_scheduler, noise_generator)
