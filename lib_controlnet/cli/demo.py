@@ -26,9 +26,9 @@ def register(subparsers) -> None:
     demo = subparsers.add_parser("demo", help="offline demo: shapes base -> dataset -> train -> export -> load -> "
                                               "generate -> report")
     demo.add_argument("--out", default="demo-output", help="folder for everything the demo writes (default demo-output)")
-    demo.add_argument("--images", type=int, default=400, help="shape images to build the dataset from (default 400)")
-    demo.add_argument("--steps", type=int, default=600, help="ControlNet training steps (default 600)")
-    demo.add_argument("--rounds", type=int, default=6, help="fidelity rounds during training (default 6)")
+    demo.add_argument("--images", type=int, default=800, help="shape images to build the dataset from (default 800)")
+    demo.add_argument("--steps", type=int, default=2000, help="ControlNet training steps (default 2000)")
+    demo.add_argument("--rounds", type=int, default=10, help="fidelity rounds during training (default 10)")
     demo.add_argument("--held-out", type=int, default=HELD_OUT, help=f"held-out rows for fidelity (default {HELD_OUT})")
     demo.add_argument("--size", type=int, default=64, help="image size, a multiple of 64 (default 64)")
     demo.set_defaults(func=run_demo)
