@@ -157,7 +157,7 @@ SSIM = Score("ssim", "mean SSIM of the grey maps (Gaussian window sigma 1.5, sta
 
 # control type (the preprocessor registry's) -> score; anything not listed gets SSIM
 SCORES_BY_CONTROL_TYPE: dict[str, Score] = {
-    "Canny": EDGE_F1, "Lineart": EDGE_F1, "SoftEdge": EDGE_F1, "Scribble/Sketch": EDGE_F1, "Scribble": EDGE_F1,
+    "Canny": EDGE_F1, "Lineart": EDGE_F1, "SoftEdge": EDGE_F1, "Scribble": EDGE_F1,
     "MLSD": EDGE_F1, "Segmentation": SEG_MIOU, "Depth": CORRELATION, "NormalMap": CORRELATION,
     "OpenPose": POSE_PCK,
 }

@@ -101,6 +101,7 @@ def test_registry_by_control_type():
     assert fidelity.score_for("canny") is fidelity.EDGE_F1
     assert fidelity.score_for("softedge_pidinet") is fidelity.EDGE_F1
     assert fidelity.score_for("mlsd") is fidelity.EDGE_F1
+    assert fidelity.score_for("scribble_xdog") is fidelity.EDGE_F1
     assert fidelity.score_for("depth_midas") is fidelity.CORRELATION
     assert fidelity.score_for("normal_bae") is fidelity.CORRELATION
     assert fidelity.score_for("seg_ofade20k") is fidelity.SEG_MIOU
