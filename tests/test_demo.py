@@ -72,7 +72,8 @@ def test_evaluate_writes_report_and_weight_zero_is_the_baseline(demo, tmp_path, 
 
 def test_evaluate_refuses_unknown_module(demo, tmp_path, capsys):
     out, _ = demo
-    assert main(["evaluate", "--base", str(out / "base"), "--controlnet", str(out / "models" / "demo-shapes.safetensors"),
+    model = str(out / "models" / "demo-shapes.safetensors")
+    assert main(["evaluate", "--base", str(out / "base"), "--controlnet", model,
                  "--dataset", str(out / "dataset"), "--module", "no_such_module", "--out", str(tmp_path / "x")]) == 2
     assert "no_such_module" in capsys.readouterr().err
 

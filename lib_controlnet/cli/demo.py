@@ -25,7 +25,8 @@ HELD_OUT = 8
 def register(subparsers) -> None:
     demo = subparsers.add_parser("demo", help="offline demo: shapes base -> dataset -> train -> export -> load -> "
                                               "generate -> report")
-    demo.add_argument("--out", default="demo-output", help="folder for everything the demo writes (default demo-output)")
+    demo.add_argument("--out", default="demo-output", help="folder for everything the demo writes "
+                      "(default demo-output)")
     demo.add_argument("--images", type=int, default=800, help="shape images to build the dataset from (default 800)")
     demo.add_argument("--steps", type=int, default=2000, help="ControlNet training steps (default 2000)")
     demo.add_argument("--rounds", type=int, default=10, help="fidelity rounds during training (default 10)")
@@ -186,13 +187,15 @@ def write_demo_report(out: Path, result, generated: dict, seconds: float) -> Pat
         "training with control fidelity on held-out rows -> ldm export -> registry -> generation through the hook.",
         "", f"Finished in {seconds:.0f} s.", "",
         f"- Dataset: [{rel(out / 'dataset')}]({rel(out / 'dataset')})",
-        f"- Exported ControlNet: [{rel(result.exported)}]({rel(result.exported)}) (registry name `{generated['name']}`)",
+        f"- Exported ControlNet: [{rel(result.exported)}]({rel(result.exported)}) "
+        f"(registry name `{generated['name']}`)",
         f"- Training report: [{rel(result.report)}]({rel(result.report)})", "",
         "## Condition | untrained | trained", "",
         "Held-out conditions, the same prompt and seed per row. Untrained = the base alone, which is what a "
         "ControlNet draws before training (its zero convolutions add nothing).", "",
         f"![condition, untrained, trained]({rel(strip)})", "",
-        f"Shape IoU (region the outline encloses vs the generated shape): untrained {generated['iou']['untrained']:.3f}, "
+        "Shape IoU (region the outline encloses vs the generated shape): "
+        f"untrained {generated['iou']['untrained']:.3f}, "
         f"trained {generated['iou']['trained']:.3f}.", "",
     ]
     if history is not None and history.rounds:

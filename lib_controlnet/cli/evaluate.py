@@ -7,7 +7,8 @@ from pathlib import Path
 
 def register(subparsers) -> None:
     evaluate = subparsers.add_parser(
-        "evaluate", help="control fidelity of a ControlNet on a dataset's held-out rows, with the no-ControlNet baseline",
+        "evaluate",
+        help="control fidelity of a ControlNet on a dataset's held-out rows, with the no-ControlNet baseline",
         description="Generate from the dataset's last N (prompt, conditioning image) rows with and without the "
                     "ControlNet, re-detect each image with the preprocessor and score the agreement.")
     evaluate.add_argument("--base", required=True, help="base model: diffusers folder or SD checkpoint file")

@@ -73,7 +73,8 @@ def fidelity_lines(history, train_seconds: float = 0.0) -> list[str]:
              f"{history.definition}"]
     if untrained is not None:
         ratio = f" ({latest / untrained:.1f}x)" if untrained > 0 else ""
-        lines.append(f"- Untrained (step 0): {untrained:.4f}; latest (step {history.rounds[-1][0]}): {latest:.4f}{ratio}")
+        lines.append(f"- Untrained (step 0): {untrained:.4f}; "
+                     f"latest (step {history.rounds[-1][0]}): {latest:.4f}{ratio}")
     else:
         lines.append(f"- Latest (step {history.rounds[-1][0]}): {latest:.4f}")
     if train_seconds > 0:
