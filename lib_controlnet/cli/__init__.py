@@ -14,7 +14,7 @@ import sys
 from lib_controlnet.errors import UserError
 from lib_controlnet.unit import ControlUnitError
 
-COMMAND_MODULES = ("models", "detect", "generate", "serve", "dataset", "train", "demo")
+COMMAND_MODULES = ("models", "detect", "generate", "serve", "dataset", "train", "demo", "evaluate")
 
 
 def build_parser() -> argparse.ArgumentParser:

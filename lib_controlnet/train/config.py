@@ -92,6 +92,10 @@ class TrainConfig:
     validation_images: list = _setting(list, "validation conditioning image; repeat for several", factory=True)
     validation_inference_steps: int = _setting(20, "sampling steps of each validation image")
     validation_seed: int = _setting(0, "seed of the validation samples")
+    fidelity_samples: int = _setting(
+        4, "dataset rows held out of training and scored for control fidelity each validation round; 0: off")
+    fidelity_module: str = _setting(
+        "", "preprocessor that re-detects the condition on generated images; empty: the one that built the dataset")
     # --- export
     export_dir: str = _setting("", "ControlNet models folder to export into; empty: the extension's models folder")
     export_name: str = _setting("", "exported file name without extension; empty: controlnet-<dataset>-<steps>")
@@ -156,6 +160,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be at least 1.")
         if self.resolution % 8:
             raise ConfigError(f"resolution must be a multiple of 8 (the VAE downsamples 8x), not {self.resolution}.")
+        if self.fidelity_samples < 0:
+            raise ConfigError("fidelity_samples must be 0 (off) or more.")
         if self.max_train_steps is not None and self.max_train_steps < 1:
             raise ConfigError("max_train_steps must be at least 1 (or left empty to train by epochs).")
         if not 0.0 <= self.proportion_empty_prompts <= 1.0:

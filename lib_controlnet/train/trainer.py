@@ -20,7 +20,7 @@ from lib_controlnet.train.cache import TrainCache
 from lib_controlnet.train.config import ConfigError, TrainConfig
 from lib_controlnet.train.data import BatchPlan, TrainDataset, make_loader, open_records
 from lib_controlnet.train.step import TrainingStep
-from lib_controlnet.train.validation import Validator
+from lib_controlnet.train.validation import FidelityHistory, FidelityValidator, HeldOut, Validator
 
 log = logging.getLogger("lib_controlnet.train")
 
@@ -61,6 +61,8 @@ class TrainResult:
     exported_diffusers: Optional[Path] = None
     report: Optional[Path] = None
     validation: list = dataclasses.field(default_factory=list)  # [(step, [(prompt, image, path)])]
+    fidelity: Optional[FidelityHistory] = None  # control fidelity rounds on the held-out rows
+    train_seconds: float = 0.0  # wall time of the training loop, fidelity rounds included
 
 
 class Trainer:
@@ -137,6 +139,9 @@ class Trainer:
             config.save(self.output_dir / "train_config.json")
 
         records = open_records(config, cache_dir=self.output_dir / ".datasets-cache")
+        heldout = self._held_out(records)
+        if heldout is not None:
+            records = heldout.train
         plan = BatchPlan.build(records, config, accelerator.num_processes)
         dataset = TrainDataset(records, config)
         steps_per_epoch = plan.batches_per_epoch() // config.gradient_accumulation_steps
@@ -194,6 +199,12 @@ class Trainer:
             self._message("Caching latents / prompt embeddings")
             cache.build(dataset, plan, base, device, weight_dtype, config.cache_latents, config.cache_text_embeddings)
         validator = Validator(base, config, device, weight_dtype)
+        fidelity = None
+        if heldout is not None and accelerator.is_main_process:
+            try:  # reads the held-out rows and runs the preprocessor once: a missing weight file shows here
+                fidelity = FidelityValidator(base, config, device, weight_dtype, heldout.rows(), *self._fidelity_module)
+            except Exception as error:  # fidelity is a measurement: without it, training still runs
+                self._message(f"Control fidelity is off: {self._fidelity_module[0]} cannot run ({error}).")
         if config.cache_text_embeddings:
             base.text_encoder.to("cpu")  # every prompt it would encode is cached now
         step = TrainingStep(base, controlnet, unet, device, weight_dtype, noise_generator, cache, accelerator,
@@ -201,6 +212,18 @@ class Trainer:
 
         run_state = dict(total=total_steps, start_time=time.monotonic(), start_step=global_step, records=records)
         result = TrainResult(global_step, total_steps, losses, False, self.output_dir)
+        metrics = {}
+        if fidelity is not None:
+            if resume is not None and state.get("fidelity"):
+                fidelity.history.rounds = state["fidelity"].get("rounds", [])
+            if fidelity.history.untrained is None:  # the step-0 ControlNet: the baseline every round compares to
+                if global_step == 0:
+                    fidelity.run(raw_controlnet, 0)
+                    self._message(f"Control fidelity of the untrained ControlNet ({fidelity.history.score}): "
+                                  f"{fidelity.history.untrained:.4f}")
+            if fidelity.history.untrained is not None:  # the first event carries the baseline alone
+                metrics = {"fidelity_untrained": float(fidelity.history.untrained)}
+            result.fidelity = self._fidelity_state = fidelity.history
         self._message(f"Training {total_steps} steps ({steps_per_epoch} per epoch) on {accelerator.num_processes} "
                       f"process(es), {self.precision} precision")
         done = global_step >= total_steps
@@ -219,9 +242,15 @@ class Trainer:
                 step_loss = accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean").item()
                 micro_losses = []
                 losses.append(step_loss)
-                self._report_progress(global_step, step_loss, lr_scheduler.get_last_lr()[0], epoch, run_state)
-                cancelled = self.cancel_event.is_set()
                 at_end = global_step >= total_steps
+                if fidelity is not None and (at_end or (config.validation_steps
+                                                        and global_step % config.validation_steps == 0)):
+                    fidelity.run(raw_controlnet, global_step)
+                    metrics = self._fidelity_metrics(fidelity)
+                self._report_progress(global_step, step_loss, lr_scheduler.get_last_lr()[0], epoch, run_state,
+                                      metrics)
+                metrics = {}
+                cancelled = self.cancel_event.is_set()  # after the progress callback, which may have asked
                 if at_end or cancelled or (config.checkpointing_steps and global_step % config.checkpointing_steps == 0):
                     result.checkpoint = self._save(accelerator, global_step, epoch, cursor, losses, raw_controlnet,
                                                    unet, optimizer, lr_scheduler, noise_generator)
@@ -236,6 +265,7 @@ class Trainer:
                 epoch, cursor = epoch + 1, 0
 
         result.steps, result.losses = global_step, losses
+        result.train_seconds = time.monotonic() - run_state["start_time"]
         if not result.cancelled:
             if validator.enabled:
                 self._validate(validator, raw_controlnet, global_step, result)
@@ -251,12 +281,45 @@ class Trainer:
         return result
 
     # ------------------------------------------------------------------ pieces of the loop
-    def _report_progress(self, global_step, loss, lr, epoch, run_state):
+    def _report_progress(self, global_step, loss, lr, epoch, run_state, metrics=None):
         elapsed = time.monotonic() - run_state["start_time"]
         done_here = global_step - run_state["start_step"]
         eta = elapsed / done_here * (run_state["total"] - global_step) if done_here else 0.0
         if self.callbacks.on_progress and self.accelerator.is_main_process:
-            self.callbacks.on_progress(Progress(global_step, run_state["total"], loss, lr, epoch, elapsed, eta))
+            self.callbacks.on_progress(Progress(global_step, run_state["total"], loss, lr, epoch, elapsed, eta,
+                                                metrics=dict(metrics or {})))
+
+    def _held_out(self, records) -> HeldOut | None:
+        """The rows fidelity is scored on, when the dataset says (or the config names) its preprocessor and is
+        big enough to spare them (at most a quarter of it)."""
+        from lib_controlnet.fidelity import module_of_dataset
+
+        count = self.config.fidelity_samples
+        self._fidelity_module = ("", None, None)
+        if not count:
+            return None
+        module, threshold_a, threshold_b = module_of_dataset(self.config.dataset)
+        if self.config.fidelity_module and self.config.fidelity_module != module:
+            module, threshold_a, threshold_b = self.config.fidelity_module, None, None
+        if not module or module == "none":
+            self._message("Control fidelity is off: the dataset does not say which preprocessor made its "
+                          "conditioning images (set fidelity_module).")
+            return None
+        if len(records) < 4 * count:
+            self._message(f"Control fidelity is off: {len(records)} rows cannot spare {count} held-out rows "
+                          "(lower fidelity_samples).")
+            return None
+        self._fidelity_module = (module, threshold_a, threshold_b)
+        self._message(f"Holding out the last {count} rows of the dataset for control fidelity ({module})")
+        return HeldOut(records, count)
+
+    @staticmethod
+    def _fidelity_metrics(fidelity) -> dict:
+        """Scalars for the progress stream: the latest round's score and the untrained baseline."""
+        metrics = {"fidelity": fidelity.history.latest}
+        if fidelity.history.untrained is not None:
+            metrics["fidelity_untrained"] = fidelity.history.untrained
+        return {k: float(v) for k, v in metrics.items() if v is not None}
 
     def _save(self, accelerator, global_step, epoch, cursor, losses, raw_controlnet, unet, optimizer, lr_scheduler,
               noise_generator) -> Path | None:
@@ -273,6 +336,8 @@ class Trainer:
                               if k.startswith(UNET_DECODER_PREFIXES)}
             state = dict(global_step=global_step, epoch=epoch, cursor=cursor, losses=losses,
                          num_processes=accelerator.num_processes, config=self.config.to_dict())
+            if getattr(self, "_fidelity_state", None) is not None:
+                state["fidelity"] = self._fidelity_state.to_dict()
             ckpt.write_main(tmp, raw_controlnet, unet_parts, optimizer, lr_scheduler, accelerator.scaler, state)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -293,6 +358,10 @@ class Trainer:
         from lib_controlnet.train.export import ExportRequest, export_controlnet
 
         request = ExportRequest.from_training(self.config, global_step, base.source, records.name)
+        if result.fidelity is not None:  # how well it follows its condition, readable from the file alone
+            import json
+
+            request.metadata["fidelity"] = json.dumps(result.fidelity.to_dict())
         exported = export_controlnet(raw_controlnet, request)
         result.exported, result.exported_diffusers = exported.file, exported.diffusers_dir
         self._message(f"Exported {exported.file}")

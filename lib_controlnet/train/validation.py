@@ -1,5 +1,7 @@
-"""Validation images during training: the user's (prompt, conditioning image) pairs through the current
-ControlNet with diffusers' ControlNet pipeline, with a fixed seed so that images of different steps compare.
+"""Validation during training: the user's (prompt, conditioning image) pairs through the current ControlNet with
+diffusers' ControlNet pipeline, with a fixed seed so that images of different steps compare; and control
+fidelity (`lib_controlnet.fidelity`) on rows of the dataset held out of training, the step-0 ControlNet's score
+being the baseline.
 
 Runs inside `torch.random.fork_rng`, so validating never changes the training's random stream (a run with
 validation has the same loss curve as one without).
@@ -7,6 +9,8 @@ validation has the same loss curve as one without).
 from __future__ import annotations
 
 import copy
+import dataclasses
+import time
 from pathlib import Path
 
 import torch
@@ -31,43 +35,166 @@ class Validator:
         return bool(self.pairs)
 
     def run(self, controlnet, step: int, out_dir: Path) -> list[tuple[str, Image.Image, Path]]:
-        from diffusers import StableDiffusionControlNetPipeline, UniPCMultistepScheduler
-
         if not self.pairs:
             return []
-        devices = [self.device] if self.device.type == "cuda" else []
-        model = controlnet if self.weight_dtype == torch.float32 else copy.deepcopy(controlnet).to(self.weight_dtype)
-        was_training = model.training
-        model.eval()
-        pipe = StableDiffusionControlNetPipeline(
-            vae=self.base.vae, text_encoder=self.base.text_encoder, tokenizer=self.base.tokenizer,
-            unet=self.base.unet, controlnet=model, safety_checker=None, feature_extractor=None,
-            scheduler=UniPCMultistepScheduler.from_config(self.base.noise_scheduler.config),
-            requires_safety_checker=False,
-        )
-        pipe.set_progress_bar_config(disable=True)
         folder = Path(out_dir) / f"step-{step:06d}"
         folder.mkdir(parents=True, exist_ok=True)
         results = []
-        negative = self.embeddings[-1:].to(self.weight_dtype)
-        with torch.random.fork_rng(devices=devices):
+        with control_pipeline(self.base, controlnet, self.device, self.weight_dtype) as pipe:
             for number, ((prompt, _), hint) in enumerate(zip(self.pairs, self.hints)):
-                generator = torch.Generator().manual_seed(self.config.validation_seed)
-                image = pipe(
-                    prompt_embeds=self.embeddings[number:number + 1].to(self.weight_dtype),
-                    negative_prompt_embeds=negative, image=hint.unsqueeze(0).to(self.device, self.weight_dtype),
-                    num_inference_steps=self.config.validation_inference_steps, generator=generator,
-                    height=hint.shape[1], width=hint.shape[2],
-                ).images[0]
+                image = sample(pipe, self.embeddings[number:number + 1], self.embeddings[-1:], hint, self.config,
+                               self.config.validation_seed, self.device, self.weight_dtype)
                 path = folder / f"{number:02d}.png"
                 image.save(path)
                 results.append((prompt, image, path))
-        model.train(was_training)
         return results
+
+
+class control_pipeline:
+    """diffusers' ControlNet pipeline on the base's parts and `controlnet` in eval mode (a copy in the weight
+    dtype when training keeps float32 weights), with torch's random streams forked: validating never changes
+    the training's random stream (a run with validation has the same loss curve as one without)."""
+
+    def __init__(self, base, controlnet, device, weight_dtype):
+        self.base, self.controlnet, self.device, self.weight_dtype = base, controlnet, device, weight_dtype
+
+    def __enter__(self):
+        from diffusers import StableDiffusionControlNetPipeline, UniPCMultistepScheduler
+
+        base = self.base
+        self.model = model = (self.controlnet if self.weight_dtype == torch.float32
+                              else copy.deepcopy(self.controlnet).to(self.weight_dtype))
+        self.was_training = model.training
+        model.eval()
+        pipe = StableDiffusionControlNetPipeline(
+            vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet, controlnet=model,
+            safety_checker=None, feature_extractor=None,
+            scheduler=UniPCMultistepScheduler.from_config(base.noise_scheduler.config), requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        self.rng = torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
+        self.rng.__enter__()
+        return pipe
+
+    def __exit__(self, *exc):
+        self.rng.__exit__(*exc)
+        self.model.train(self.was_training)
+        return False
+
+
+def sample(pipe, embedding, negative, hint, config, seed: int, device, weight_dtype) -> Image.Image:
+    generator = torch.Generator().manual_seed(seed)
+    return pipe(prompt_embeds=embedding.to(weight_dtype), negative_prompt_embeds=negative.to(weight_dtype),
+                image=hint.unsqueeze(0).to(device, weight_dtype), num_inference_steps=config.validation_inference_steps,
+                generator=generator, height=hint.shape[1], width=hint.shape[2]).images[0]
+
+
+class HeldOut:
+    """The dataset's last rows, kept out of training for fidelity rounds; `train` is the rest, a records view."""
+
+    def __init__(self, records, count: int):
+        self.records, self.count = records, count
+        self.train = _Head(records, len(records) - count)
+
+    def rows(self) -> list[tuple[str, Image.Image, Image.Image]]:
+        """(prompt, conditioning image, source image) of the held-out rows."""
+        rows = []
+        for index in range(len(self.records) - self.count, len(self.records)):
+            image, hint, text = self.records.load(index)
+            rows.append((text, hint.convert("RGB"), image.convert("RGB")))
+        return rows
+
+
+class _Head:
+    """The first `limit` rows of a records object (HFRecords / FolderRecords), everything else passed through."""
+
+    def __init__(self, records, limit: int):
+        self._records, self._limit = records, limit
+
+    def __len__(self) -> int:
+        return self._limit
+
+    def load(self, index: int):
+        if index >= self._limit:
+            raise IndexError(index)
+        return self._records.load(index)
+
+    def sizes(self):
+        return self._records.sizes()[:self._limit]
+
+    def __getattr__(self, name):
+        return getattr(self._records, name)
+
+
+@dataclasses.dataclass
+class FidelityHistory:
+    """What the training report, the export metadata and the checkpoints keep of the fidelity rounds."""
+    score: str
+    module: str
+    samples: int
+    definition: str
+    rounds: list = dataclasses.field(default_factory=list)  # [[step, mean score]]; step 0 = untrained
+    seconds: float = 0.0  # time spent in fidelity rounds
+
+    @property
+    def untrained(self):
+        return next((value for step, value in self.rounds if step == 0), None)
+
+    @property
+    def latest(self):
+        return self.rounds[-1][1] if self.rounds else None
+
+    def to_dict(self) -> dict:
+        return dict(dataclasses.asdict(self), untrained=self.untrained, latest=self.latest)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "FidelityHistory":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in fields})
+
+
+class FidelityValidator:
+    """Control fidelity of the current ControlNet on the held-out rows: generate each row (fixed seed per row),
+    re-detect with the dataset's preprocessor, score against the row's conditioning image."""
+    BATCH = 8
+
+    def __init__(self, base, config, device, weight_dtype, rows, module: str, threshold_a=None, threshold_b=None):
+        from lib_controlnet.fidelity import Detector
+
+        self.base, self.config, self.device, self.weight_dtype = base, config, device, weight_dtype
+        self.detector = Detector(module, threshold_a, threshold_b)
+        size = (config.resolution, config.resolution)
+        self.hints = [to_hint(hint.resize(size, Image.BICUBIC)) for _, hint, _ in rows]
+        self.conditions = [self.detector.condition(hint.resize(size, Image.BICUBIC), source.resize(size))
+                           for _, hint, source in rows]
+        self.detector.observe(rows[0][2].resize(size))  # fails now, not mid-run, if the preprocessor cannot run
+        self.embeddings = encode_prompts(base, [text for text, _, _ in rows] + [""], device)
+        score = self.detector.score
+        self.history = FidelityHistory(score.name, module, len(rows), score.definition)
+
+    def run(self, controlnet, step: int) -> tuple[float, list[Image.Image]]:
+        from lib_controlnet.fidelity import measure
+
+        started = time.monotonic()
+        images = []
+        with control_pipeline(self.base, controlnet, self.device, self.weight_dtype) as pipe:
+            for first in range(0, len(self.hints), self.BATCH):  # rows in batches: far cheaper than one by one
+                rows = range(first, min(first + self.BATCH, len(self.hints)))
+                generators = [torch.Generator().manual_seed(self.config.validation_seed + i) for i in rows]
+                hints = torch.stack([self.hints[i] for i in rows]).to(self.device, self.weight_dtype)
+                images += pipe(prompt_embeds=self.embeddings[first:rows.stop].to(self.weight_dtype),
+                               negative_prompt_embeds=self.embeddings[-1:].expand(len(rows), -1, -1).to(
+                                   self.weight_dtype),
+                               image=hints, num_inference_steps=self.config.validation_inference_steps,
+                               generator=generators, height=hints.shape[2], width=hints.shape[3]).images
+        value = measure(self.detector, self.conditions, images).mean
+        self.history.rounds = [r for r in self.history.rounds if r[0] != step] + [[step, value]]
+        self.history.seconds += time.monotonic() - started
+        return value, images
 
 
 def hint_preview(hint: torch.Tensor) -> Image.Image:
     return Image.fromarray((hint.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype("uint8"))
 
 
-__all__ = ["Validator", "hint_preview", "to_hint"]
+__all__ = ["FidelityHistory", "FidelityValidator", "HeldOut", "Validator", "hint_preview", "to_hint"]
