@@ -107,3 +107,96 @@ def test_other_family_controlnet_is_one_sentence_and_nothing_hooked(files, tmp_p
     err = capsys.readouterr().err.strip()
     assert code == 2 and "made for another base model" in err and err.count("\n") == 0
     assert not (tmp_path / "out" / "image-0.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def _variant(files, name, dtype=None, extra=None, drop=()):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(files / "sdxl.safetensors"))
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in state.items()
+             if not k.startswith(drop or "\0")}
+    state.update(extra or {})
+    save_file(state, str(files / name))
+    return files / name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sdxl_file_in_half_precision_loads_both_text_encoders(files, dtype):
+    from diffusers import StableDiffusionXLPipeline
+
+    from lib_controlnet.base_model import load_pipeline
+
+    path = _variant(files, f"sdxl-{dtype}.safetensors", dtype)
+    pipe = load_pipeline(path, str(files / "sdxl-config"))
+    folder = StableDiffusionXLPipeline.from_pretrained(str(files / "sdxl-config"), local_files_only=True)
+    assert isinstance(pipe, StableDiffusionXLPipeline)
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        ours, theirs = getattr(pipe, part).state_dict(), getattr(folder, part).state_dict()
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k].float(), theirs[k].to(dtype).float()) for k in ours if ours[k].is_floating_point())
+    assert pipe.tokenizer_2.pad_token == "!" and pipe.scheduler.config.prediction_type == "epsilon"
+
+
+def test_v_pred_marker_and_setting(files):
+    from lib_controlnet.base_model import load_pipeline
+
+    path = _variant(files, "sdxl-vpred.safetensors", extra={"v_pred": torch.tensor([]), "ztsnr": torch.tensor([])})
+    pipe = load_pipeline(path, str(files / "sdxl-config"))
+    assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.scheduler.config.rescale_betas_zero_snr
+    assert load_pipeline(path, str(files / "sdxl-config"), prediction_type="epsilon").scheduler.config.prediction_type \
+        == "epsilon"
+    plain = load_pipeline(files / "sdxl-config", prediction_type="v_prediction")  # a diffusers folder, by setting
+    assert plain.scheduler.config.prediction_type == "v_prediction" and plain.text_encoder_2 is not None
+
+
+def test_shipped_sdxl_config_is_the_default_and_names_the_mismatch(files):
+    """Without --base-config the shipped full-size SDXL configs are used: a tiny file does not fit them, and the
+    sentence says which architecture and config were tried and what to pass."""
+    from lib_controlnet.base_model import BASE_CONFIGS_DIR, BaseModelError, load_pipeline
+
+    with pytest.raises(BaseModelError) as error:
+        load_pipeline(files / "sdxl.safetensors")
+    message = str(error.value)
+    assert "as SDXL" in message and str(BASE_CONFIGS_DIR / "sdxl") in message and "--base-config" in message
+    assert "\n" not in message
+
+
+def _fake(path, keys):
+    from safetensors.torch import save_file
+
+    save_file({k: torch.zeros(shape) for k, shape in keys.items()}, str(path))
+    return path
+
+
+NOT_BASES = {
+    "refiner": ({"model.diffusion_model.label_emb.0.0.weight": (8, 2560),
+                 "model.diffusion_model.input_blocks.4.1.proj_in.weight": (8, 8),
+                 "conditioner.embedders.0.model.positional_embedding": (77, 8),
+                 "conditioner.embedders.0.model.text_projection": (8, 8)}, "SDXL refiner"),
+    "sd3": ({"model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias": (8,),
+             "text_encoders.clip_l.transformer.text_model.embeddings.position_embedding.weight": (77, 8)},
+            "Stable Diffusion 3"),
+    "flux": ({"double_blocks.0.img_attn.norm.key_norm.scale": (8,), "img_in.weight": (8, 8)}, "Flux"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(NOT_BASES))
+def test_refiner_sd3_flux_files_are_named_in_one_sentence(tmp_path, capsys, kind):
+    keys, name = NOT_BASES[kind]
+    path = _fake(tmp_path / f"{kind}.safetensors", keys)
+    code = main(["generate", "--base", str(path), "--prompt", "x", "--steps", "1", "--size", "64x64",
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and name in err and err.count("\n") == 0, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_sdxl_file_is_one_sentence(files, tmp_path):
+    from lib_controlnet.base_model import BaseModelError, load_pipeline
+
+    data = (files / "sdxl.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:len(data) // 2])
+    with pytest.raises(BaseModelError) as error:
+        load_pipeline(tmp_path / "cut.safetensors", str(files / "sdxl-config"))
+    assert "cut.safetensors" in str(error.value) and "\n" not in str(error.value)
