@@ -60,6 +60,10 @@ class TrainResult:
     validation: list = dataclasses.field(default_factory=list)  # [(step, [(prompt, image, path)])]
 
 
+class _NoValidation:
+    enabled = False
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, callbacks: TrainCallbacks | None = None,
                  cancel_event: threading.Event | None = None, base: BaseModel | None = None,
@@ -144,8 +148,9 @@ class Trainer:
 
         self._message(f"Loading base model {config.base}")
         base = self.base or load_base(config.base, config.base_config, config.prediction_type)
-        base.vae.to(device, weight_dtype)
-        base.text_encoder.to(device, weight_dtype)
+        # SDXL's stock VAE overflows in fp16 (its config says force_upcast): it stays fp32; fp16-safe VAEs do not
+        base.vae.to(device, torch.float32 if getattr(base.vae.config, "force_upcast", False) else weight_dtype)
+        base.text_encoders_to(device, weight_dtype)
         base.unet.to(device, weight_dtype if config.sd_locked else torch.float32)
         controlnet = self._controlnet(base.unet)
         params = list(controlnet.parameters())
@@ -190,9 +195,11 @@ class Trainer:
         if config.cache_latents or config.cache_text_embeddings:
             self._message("Caching latents / prompt embeddings")
             cache.build(dataset, plan, base, device, weight_dtype, config.cache_latents, config.cache_text_embeddings)
-        validator = Validator(base, config, device, weight_dtype)
+        validator = Validator(base, config, device, weight_dtype) if not base.is_sdxl else _NoValidation()
+        if base.is_sdxl and config.validation_pairs():
+            self._message("Validation images are not made for SDXL bases yet; training goes on without them.")
         if config.cache_text_embeddings:
-            base.text_encoder.to("cpu")  # every prompt it would encode is cached now
+            base.text_encoders_to("cpu")  # every prompt they would encode is cached now
         step = TrainingStep(base, controlnet, unet, device, weight_dtype, noise_generator, cache, accelerator,
                             optimizer, params, config.max_grad_norm)
 
