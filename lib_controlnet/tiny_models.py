@@ -192,12 +192,12 @@ def sdxl_scheduler():
     return EulerDiscreteScheduler.from_pretrained(str(SHIPPED_CONFIGS_DIR / "base" / "sdxl"), subfolder="scheduler")
 
 
-def tiny_sdxl_components(seed: int = 0) -> dict:
+def tiny_sdxl_components(seed: int = 0, **unet_overrides) -> dict:
     """Everything a StableDiffusionXL(ControlNet)Pipeline needs except the ControlNet."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**sdxl_unet_config())
+    unet = UNet2DConditionModel(**dict(sdxl_unet_config(), **unet_overrides))
     _randomize_zero_layers(unet, seed)
     vae = tiny_vae(seed + 2)
     vae.register_to_config(scaling_factor=0.13025)

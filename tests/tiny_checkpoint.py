@@ -80,7 +80,7 @@ def sdxl_single_file_state(components: dict, v_pred: bool = False) -> dict:
 
 
 def write_tiny_sdxl_single_file(path: Path, seed: int = 0, dtype=torch.float32, v_pred: bool = False,
-                                config_dir: Path | None = None) -> Path:
+                                config_dir: Path | None = None, **unet_overrides) -> Path:
     """Save a tiny SDXL base as one sgm checkpoint; with `config_dir`, also its diffusers folder (the configs
     the file is loaded with, as the shipped SDXL folder is for full-size files)."""
     from diffusers import StableDiffusionXLPipeline
@@ -88,7 +88,7 @@ def write_tiny_sdxl_single_file(path: Path, seed: int = 0, dtype=torch.float32, 
 
     from lib_controlnet import tiny_models
 
-    components = tiny_models.tiny_sdxl_components(seed)
+    components = tiny_models.tiny_sdxl_components(seed, **unet_overrides)
     if config_dir is not None:
         StableDiffusionXLPipeline(**components).save_pretrained(str(config_dir), safe_serialization=True)
     state = sdxl_single_file_state(components, v_pred)
