@@ -35,8 +35,9 @@ SIZES = {
 }
 # SDXL: the shipped SDXL UNet config; its quick variant keeps the layout (3 levels, depths 1/2/10 -> 1/1/2, both
 # text encoders' widths side by side, pooled text + 6 micro-conditioning numbers) at a fraction of the channels.
-SDXL_QUICK = dict(block_out_channels=(64, 128, 256), transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 8),
-                  addition_time_embed_dim=32, cross_attention_dim=256 + 512, projection_class_embeddings_input_dim=32 * 6 + 512)
+SDXL_QUICK = dict(block_out_channels=(64, 128, 256), transformer_layers_per_block=(1, 1, 2),
+                  attention_head_dim=(2, 4, 8), addition_time_embed_dim=32, cross_attention_dim=256 + 512,
+                  projection_class_embeddings_input_dim=32 * 6 + 512)
 
 
 def sdxl_unet_config(quick: bool) -> dict:
@@ -70,7 +71,8 @@ def build_sdxl(quick: bool):
         vocab_size=49408, hidden_size=width_2, intermediate_size=width_2, num_hidden_layers=2, num_attention_heads=2,
         max_position_embeddings=77, projection_dim=pooled, hidden_act="gelu")).eval()
     components = dict(unet=unet, vae=tiny_models.tiny_vae(), text_encoder=tiny_models.tiny_text_encoder(width_1),
-                      text_encoder_2=encoder_2, tokenizer=tiny_models.tokenizer(), tokenizer_2=tiny_models.tokenizer_2(),
+                      text_encoder_2=encoder_2, tokenizer=tiny_models.tokenizer(),
+                      tokenizer_2=tiny_models.tokenizer_2(),
                       scheduler=tiny_models.sdxl_scheduler())
     return components, controlnet
 

@@ -287,7 +287,8 @@ def main() -> None:
               for name, runs in results.items()}
     device = results["reference"][0]["device"]
     shape = "SDXL" if args.sdxl else "SD1.5"
-    print(f"training step, tiny {shape}-shaped model, {args.resolution}px, batch {args.batch}, {args.steps} timed steps, "
+    print(f"training step, tiny {shape}-shaped model, {args.resolution}px, batch {args.batch}, {args.steps} timed "
+          f"steps, "
           f"{rounds} round(s), device {device}")
     for name, values in median.items():
         print(f"  {name:12s} {values['samples_per_s']:7.2f} samples/s   peak step memory {values['added_mb']:8.1f} MB")

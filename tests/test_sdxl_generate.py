@@ -51,7 +51,8 @@ def run_cli(files, out, model, *extra):
     return main(["generate", "--base", str(files / "sdxl.safetensors"), "--base-config", str(files / "sdxl-config"),
                  "--prompt", PROMPT, "--negative-prompt", NEGATIVE, "--guidance-scale", "7",
                  "--unit", f"module=none,model={files / model},image={files / 'control.png'}",
-                 "--steps", str(STEPS), "--size", "64x64", "--seed", str(SEED), "--out", str(out), *extra])
+                 "--steps", str(STEPS), "--size", "64x64", "--seed", str(SEED), "--prediction-type", "epsilon",
+                 "--out", str(out), *extra])
 
 
 @pytest.mark.parametrize("model", ["cn.safetensors", "cn-folder"])
