@@ -2,6 +2,8 @@
 
     python benchmarks/bench_hook.py            # SD1.5-size UNet + ControlNet (random weights), 256x256 image
     python benchmarks/bench_hook.py --quick    # a mid-size SD1.5-shaped model (well under a minute here)
+    python benchmarks/bench_hook.py --sdxl --image 512           # SDXL-size UNet + ControlNet (~18 GB fp32)
+    python benchmarks/bench_hook.py --sdxl --quick --image 512   # a mid-size SDXL-shaped model
 
 Prints three ratios (lower is better), measured in one run on the same weights and inputs:
   hook overhead  = one hooked UNet step with one unit / (UNet step alone + ControlNet forward alone)  [<= 1.02]
@@ -31,6 +33,48 @@ SIZES = {
     "sd15": dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8),
     "quick": dict(sample_size=64, block_out_channels=(64, 128, 256, 256), cross_attention_dim=256, attention_head_dim=4),
 }
+# SDXL: the shipped SDXL UNet config; its quick variant keeps the layout (3 levels, depths 1/2/10 -> 1/1/2, both
+# text encoders' widths side by side, pooled text + 6 micro-conditioning numbers) at a fraction of the channels.
+SDXL_QUICK = dict(block_out_channels=(64, 128, 256), transformer_layers_per_block=(1, 1, 2),
+                  attention_head_dim=(2, 4, 8), addition_time_embed_dim=32, cross_attention_dim=256 + 512,
+                  projection_class_embeddings_input_dim=32 * 6 + 512)
+
+
+def sdxl_unet_config(quick: bool) -> dict:
+    from lib_controlnet.base_model import ARCHITECTURES
+    from diffusers import UNet2DConditionModel
+
+    config = dict(UNet2DConditionModel.load_config(str(ARCHITECTURES["sdxl"].config_dir), subfolder="unet"))
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    return dict(config, **SDXL_QUICK) if quick else config
+
+
+def build_sdxl(quick: bool):
+    """SDXL-size (or quick) UNet and ControlNet with random weights; both text encoders small (outside the loop)
+    but as wide as the UNet reads them."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from lib_controlnet import tiny_models
+
+    torch.manual_seed(0)
+    config = sdxl_unet_config(quick)
+    unet = UNet2DConditionModel(**config).eval()
+    controlnet = ControlNetModel.from_unet(unet).eval()
+    with torch.no_grad():
+        for block in list(controlnet.controlnet_down_blocks) + [controlnet.controlnet_mid_block]:
+            block.weight.normal_(0, 0.02)
+    pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+    width_2 = pooled
+    width_1 = config["cross_attention_dim"] - width_2
+    encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=49408, hidden_size=width_2, intermediate_size=width_2, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=77, projection_dim=pooled, hidden_act="gelu")).eval()
+    components = dict(unet=unet, vae=tiny_models.tiny_vae(), text_encoder=tiny_models.tiny_text_encoder(width_1),
+                      text_encoder_2=encoder_2, tokenizer=tiny_models.tokenizer(),
+                      tokenizer_2=tiny_models.tokenizer_2(),
+                      scheduler=tiny_models.sdxl_scheduler())
+    return components, controlnet
 
 
 def build(size: str):
@@ -59,9 +103,12 @@ def median_step(times: list[float]) -> float:
 
 
 def time_pipeline(components, controlnet, hint, args, guess_mode: bool) -> float:
-    from diffusers import StableDiffusionControlNetPipeline
+    from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
 
-    pipe = StableDiffusionControlNetPipeline(controlnet=controlnet, requires_safety_checker=False, **components)
+    if args.sdxl:
+        pipe = StableDiffusionXLControlNetPipeline(controlnet=controlnet, **components)
+    else:
+        pipe = StableDiffusionControlNetPipeline(controlnet=controlnet, requires_safety_checker=False, **components)
     pipe.set_progress_bar_config(disable=True)
     stamps = [time.perf_counter()]
 
@@ -78,12 +125,15 @@ def time_pipeline(components, controlnet, hint, args, guess_mode: bool) -> float
 def time_ours(components, controlnet, hint, args, mode: str) -> float:
     """`controlnet` must be our own copy: a job switches its convolutions to the faster CPU kernel in place, and
     the peer must run the model as diffusers builds it."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from lib_controlnet.generate import GenerateRequest, generate
     from lib_controlnet.unit import ControlUnit
 
-    pipe = StableDiffusionPipeline(requires_safety_checker=False, **components)
+    if args.sdxl:
+        pipe = StableDiffusionXLPipeline(**components)
+    else:
+        pipe = StableDiffusionPipeline(requires_safety_checker=False, **components)
     stamps = [time.perf_counter()]
     request = GenerateRequest(
         base="", prompt="a house", units=[ControlUnit(module="none", model="bench", image=hint, control_mode=mode)],
@@ -104,6 +154,12 @@ def hook_overhead(components, controlnet, args) -> float:
     t = torch.tensor(500)
     context = torch.randn(2, 77, unet.config.cross_attention_dim)
     hint = torch.rand(1, 3, args.image, args.image)
+    added = {}
+    if args.sdxl:
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        added = dict(added_cond_kwargs=dict(text_embeds=torch.randn(2, pooled),
+                                            time_ids=torch.tensor([[args.image] * 2 + [0, 0] + [args.image] * 2] * 2,
+                                                                  dtype=torch.float32)))
     unit = PreparedUnit(ControlUnit(module="none", model="bench"), controlnet, hint)
     # built first: the job switches the ControlNet to its faster CPU kernels, so "alone" below runs the same ones
     controller = Controller(ControlJob(units=[unit], width=args.image, height=args.image, steps=10))
@@ -111,14 +167,14 @@ def hook_overhead(components, controlnet, args) -> float:
     with torch.no_grad():
         for _ in range(args.repeats + 1):  # the first round warms up
             start = time.perf_counter()
-            unet(x, t, context)
+            unet(x, t, context, **added)
             middle = time.perf_counter()
-            controlnet(x, t, context, controlnet_cond=hint.expand(2, -1, -1, -1))
+            controlnet(x, t, context, controlnet_cond=hint.expand(2, -1, -1, -1), **added)
             parts.append(time.perf_counter() - start)
             with host.hooked(unet, controller):
                 controller.begin_step(0, 10, RowLayout.diffusers_cfg(1))
                 start = time.perf_counter()
-                unet(x, t, context)
+                unet(x, t, context, **added)
                 hooked.append(time.perf_counter() - start)
             del middle
     # the hooked step reuses the job's hint embedding after its first call, as in a real job
@@ -132,6 +188,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=4, help="sampling steps per run (the first is warm-up)")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 3)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    parser.add_argument("--sdxl", action="store_true", help="SDXL-shaped UNet + ControlNet, SDXL pipelines")
     args = parser.parse_args(argv)
     args.repeats = args.repeats or 3
     if args.threads:
@@ -139,9 +196,9 @@ def main(argv=None) -> int:
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()
-    size = "quick" if args.quick else "sd15"
+    size = ("sdxl-quick" if args.quick else "sdxl") if args.sdxl else ("quick" if args.quick else "sd15")
     started = time.perf_counter()
-    components, controlnet = build(size)
+    components, controlnet = build_sdxl(args.quick) if args.sdxl else build(size)
     rng = np.random.RandomState(0)
     hint = (rng.rand(args.image, args.image, 3) > 0.9).astype(np.uint8) * 255
     from PIL import Image

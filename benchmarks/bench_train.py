@@ -8,6 +8,9 @@ the loaded models (RSS sampled every 2 ms on CPU; max allocated on CUDA), and th
 
     python benchmarks/bench_train.py            # 128 px, batch 4, 2 rounds
     python benchmarks/bench_train.py --quick    # 64 px, 1 round
+    python benchmarks/bench_train.py --sdxl     # tiny SDXL-shaped base; the reference is then written as
+                                                # train_controlnet_sdxl.py does it (prompt embeddings, pooled
+                                                # embeddings and add_time_ids precomputed, VAE per step)
 """
 from __future__ import annotations
 
@@ -87,6 +90,9 @@ def make_inputs(resolution: int, batch: int, steps: int):
             "conditioning_pixel_values": torch.stack([to_hint(hint) for _, hint in pairs]),
             "text": [f"a bright square, sample {step * batch + i}" for i in range(batch)],  # all captions distinct
             "index": torch.arange(step * batch, (step + 1) * batch),
+            # SDXL micro-conditioning: original size, crop top-left, target size
+            "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch,
+                                     dtype=torch.float32),
         })
     return batches
 
@@ -97,7 +103,7 @@ def load_models(base_dir: Path, device):
     from lib_controlnet.train.base import load_base
 
     base = load_base(base_dir)
-    for part in (base.vae, base.text_encoder, base.unet):
+    for part in (base.vae, *base.text_encoders, base.unet):
         part.to(device)
     controlnet = ControlNetModel.from_unet(base.unet).to(device)
     controlnet.train()
@@ -112,6 +118,8 @@ def reference_steps(base, controlnet, batches, device):
 
     vae, text_encoder, unet, scheduler = base.vae, base.text_encoder, base.unet, base.noise_scheduler
     optimizer = torch.optim.AdamW(controlnet.parameters(), lr=1e-5, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    if base.is_sdxl:
+        return _reference_sdxl_step(base, controlnet, batches, device, optimizer)
     for batch in batches:  # the script tokenizes in its dataset preprocessing, outside the step
         batch["input_ids"] = base.tokenizer(batch["text"], max_length=base.tokenizer.model_max_length,
                                             padding="max_length", truncation=True, return_tensors="pt").input_ids
@@ -139,13 +147,49 @@ def reference_steps(base, controlnet, batches, device):
     return step
 
 
+def _reference_sdxl_step(base, controlnet, batches, device, optimizer):
+    """train_controlnet_sdxl.py: `compute_embeddings` runs over the dataset before training (prompt embeddings,
+    pooled text embeddings, add_time_ids), the text encoders are freed, the VAE encodes every step."""
+    import torch
+    import torch.nn.functional as F
+
+    from lib_controlnet.train.step import encode_text
+
+    vae, unet, scheduler = base.vae, base.unet, base.noise_scheduler
+    with torch.no_grad():
+        for batch in batches:
+            batch["prompt_ids"], batch["text_embeds"] = encode_text(base, batch["text"], device)
+    base.text_encoders_to("cpu")
+
+    def step(batch):
+        latents = vae.encode(batch["pixel_values"].to(device)).latent_dist.sample() * vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device).long()
+        noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+        added = {"text_embeds": batch["text_embeds"].to(device), "time_ids": batch["time_ids"].to(device)}
+        down, mid = controlnet(noisy_latents, timesteps, encoder_hidden_states=batch["prompt_ids"].to(device),
+                               added_cond_kwargs=added, controlnet_cond=batch["conditioning_pixel_values"].to(device),
+                               return_dict=False)
+        model_pred = unet(noisy_latents, timesteps, encoder_hidden_states=batch["prompt_ids"].to(device),
+                          added_cond_kwargs=added, down_block_additional_residuals=list(down),
+                          mid_block_additional_residual=mid, return_dict=False)[0]
+        loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+        return loss
+
+    return step
+
+
 def our_steps(base, controlnet, batches, device, cached: bool, resolution: int):
     import torch
     from accelerate import Accelerator
 
     from lib_controlnet.train.cache import TrainCache
     from lib_controlnet.train.config import TrainConfig
-    from lib_controlnet.train.step import TrainingStep, encode_prompts
+    from lib_controlnet.train.step import TrainingStep, encode_text
 
     accelerator = Accelerator(cpu=device.type == "cpu")
     params = list(controlnet.parameters())
@@ -156,11 +200,15 @@ def our_steps(base, controlnet, batches, device, cached: bool, resolution: int):
         with torch.no_grad():
             for batch in batches:
                 params_ = base.vae.encode(batch["pixel_values"].to(device)).latent_dist.parameters
-                for index, value in zip(batch["index"].tolist(), params_.to("cpu", torch.float16)):
-                    cache._latents[index] = value
-                for text, embedding in zip(batch["text"], encode_prompts(base, batch["text"], device)):
-                    cache._text[text] = embedding.to("cpu", torch.float16)
-        base.text_encoder.to("cpu")
+                for index, value, ids in zip(batch["index"].tolist(), params_.to("cpu", torch.float16),
+                                             batch["time_ids"]):
+                    cache._latents[index], cache._time_ids[index] = value, ids
+                hidden, pooled = encode_text(base, batch["text"], device)
+                for row, text in enumerate(batch["text"]):
+                    cache._text[text] = hidden[row].to("cpu", torch.float16)
+                    if pooled is not None:
+                        cache._pooled[text] = pooled[row].to("cpu", torch.float16)
+        base.text_encoders_to("cpu")
     TrainConfig(resolution=resolution).validate()
     step = TrainingStep(base, controlnet, base.unet, device, torch.float32, torch.Generator().manual_seed(0), cache,
                         accelerator, optimizer, params, max_grad_norm=1.0)
@@ -215,6 +263,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--worker", choices=("reference", "ours", "ours-cached"))
     parser.add_argument("--base")
+    parser.add_argument("--sdxl", action="store_true", help="a tiny SDXL-shaped base (two text encoders)")
     args = parser.parse_args()
     args.resolution = args.resolution or (64 if args.quick else 128)
     args.steps = args.steps or (4 if args.quick else 6)
@@ -226,10 +275,10 @@ def main() -> None:
     import tempfile
 
     import lib_controlnet  # noqa: F401
-    from lib_controlnet.tiny_models import save_tiny_diffusers_base
+    from lib_controlnet.tiny_models import save_tiny_diffusers_base, save_tiny_sdxl_diffusers_base
 
     with tempfile.TemporaryDirectory() as tmp:
-        base = save_tiny_diffusers_base(Path(tmp) / "base")
+        base = (save_tiny_sdxl_diffusers_base if args.sdxl else save_tiny_diffusers_base)(Path(tmp) / "base")
         results = {name: [] for name in ("reference", "ours", "ours-cached")}
         for _ in range(rounds):  # interleaved, so a busy moment hits every variant alike
             for name in results:
@@ -237,7 +286,9 @@ def main() -> None:
     median = {name: {key: statistics.median(r[key] for r in runs) for key in ("samples_per_s", "added_mb")}
               for name, runs in results.items()}
     device = results["reference"][0]["device"]
-    print(f"training step, tiny SD1.5-shaped model, {args.resolution}px, batch {args.batch}, {args.steps} timed steps, "
+    shape = "SDXL" if args.sdxl else "SD1.5"
+    print(f"training step, tiny {shape}-shaped model, {args.resolution}px, batch {args.batch}, {args.steps} timed "
+          f"steps, "
           f"{rounds} round(s), device {device}")
     for name, values in median.items():
         print(f"  {name:12s} {values['samples_per_s']:7.2f} samples/s   peak step memory {values['added_mb']:8.1f} MB")
@@ -248,6 +299,9 @@ def main() -> None:
     print(f"speed ratio (ours / reference), no caching: {speed:.2f}x  (target >= 1.0x)")
     print(f"memory ratio (ours / reference), no caching: {memory:.2f}x  (target <= 1.0x)")
     print(f"speed ratio with cached latents + text embeddings: {cached_speed:.2f}x  (target >= 1.5x)")
+    if args.sdxl:
+        print("note: the SDXL reference precomputes its text embeddings as train_controlnet_sdxl.py does, so "
+              "'ours, no caching' also encodes both prompts every step and the reference does not")
 
 
 if __name__ == "__main__":

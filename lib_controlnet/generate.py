@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from lib_controlnet.base_model import BaseModelError, load_pipeline as load_base
+from lib_controlnet.base_model import BaseModelError, load_pipeline as load_base, pipeline_architecture
 from lib_controlnet.control import ControlError, ControlJob, Controller, RowLayout
 from lib_controlnet.errors import UserError
 from lib_controlnet.hosts import diffusers as diffusers_host
@@ -61,6 +61,12 @@ class GenerateRequest:
     dtype: torch.dtype = torch.float32
     load_model: Optional[Callable] = None  # name or path -> ControlNetModel (default: the model registry/cache)
     on_step_end: Optional[Callable[[int], None]] = None  # called with the step index after each step
+    # SDXL micro-conditioning, as (height, width) / (top, left); None means what the WebUI and diffusers use:
+    # original and target size = the image size, crop (0, 0)
+    original_size: Optional[tuple] = None
+    crop_top_left: Optional[tuple] = None
+    target_size: Optional[tuple] = None
+    prediction_type: str = "auto"  # "auto" (the file's v_pred marker, else the config's), "epsilon", "v_prediction"
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -103,7 +109,7 @@ def generate(request: GenerateRequest, pipe=None) -> GenerateResult:
     """Run one job; `pipe` may be given to reuse a loaded base."""
     request.validate()
     if pipe is None:
-        pipe = load_base(request.base, request.base_config, request.dtype)
+        pipe = load_base(request.base, request.base_config, request.dtype, request.prediction_type)
     pipe = pipe.to(request.device)
     pipe.set_progress_bar_config(disable=True)
     units = list(request.units)
@@ -123,12 +129,17 @@ def generate(request: GenerateRequest, pipe=None) -> GenerateResult:
         return callback_kwargs
 
     generator = torch.Generator("cpu").manual_seed(request.seed)
+    extra = {}
+    if pipeline_architecture(pipe).is_sdxl:
+        size = (request.height, request.width)
+        extra = dict(original_size=tuple(request.original_size or size), target_size=tuple(request.target_size or size),
+                     crops_coords_top_left=tuple(request.crop_top_left or (0, 0)))
     with diffusers_host.hooked(pipe.unet, controller):
         controller.begin_step(0, total, rows)
         output = pipe(prompt=request.prompt, negative_prompt=request.negative_prompt or None,
                       num_inference_steps=request.steps, width=request.width, height=request.height,
                       guidance_scale=request.guidance_scale, num_images_per_prompt=request.batch_size,
-                      generator=generator, callback_on_step_end=next_step)
+                      generator=generator, callback_on_step_end=next_step, **extra)
     params = {
         "Steps": request.steps,
         "Sampler": SAMPLER_NAMES.get(type(pipe.scheduler).__name__, type(pipe.scheduler).__name__),

@@ -149,3 +149,65 @@ def save_tiny_diffusers_base(path, family: str = "sd15", seed: int = 0):
     pipe = StableDiffusionPipeline(**tiny_sd_components(family, seed), requires_safety_checker=False)
     pipe.save_pretrained(str(path), safe_serialization=True)
     return path
+
+
+# ---------------------------------------------------------------------------------------------- SDXL base
+# SDXL's UNet reads both text encoders' hidden states side by side (768 + 1280 in the real one) and the second
+# encoder's pooled, projected output. The two tiny encoders must differ in width, as the real ones do: diffusers'
+# single-file loader tells CLIP-L from OpenCLIP bigG by that width.
+SDXL_TEXT_WIDTHS = (32, 64)
+SDXL_POOLED_DIM = 32
+
+
+def sdxl_unet_config() -> dict:
+    return dict(unet_config("sdxl"), cross_attention_dim=sum(SDXL_TEXT_WIDTHS),
+                projection_class_embeddings_input_dim=8 * 6 + SDXL_POOLED_DIM)
+
+
+def tiny_sdxl_text_encoder_2(seed: int = 4):
+    """OpenCLIP-bigG-shaped: CLIPTextModelWithProjection (pooled output through text_projection, GELU)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    width = SDXL_TEXT_WIDTHS[1]
+    config = CLIPTextConfig(
+        vocab_size=49408, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
+        projection_dim=SDXL_POOLED_DIM, hidden_act="gelu",
+    )
+    return CLIPTextModelWithProjection(config).eval()
+
+
+def tokenizer_2():
+    """SDXL's second tokenizer: CLIP's vocabulary, padded with "!" as OpenCLIP pads."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), local_files_only=True, pad_token="!")
+
+
+def sdxl_scheduler():
+    """SDXL base's own scheduler settings (Euler, scaled-linear betas, leading spacing)."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler.from_pretrained(str(SHIPPED_CONFIGS_DIR / "base" / "sdxl"), subfolder="scheduler")
+
+
+def tiny_sdxl_components(seed: int = 0, **unet_overrides) -> dict:
+    """Everything a StableDiffusionXL(ControlNet)Pipeline needs except the ControlNet."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**dict(sdxl_unet_config(), **unet_overrides))
+    _randomize_zero_layers(unet, seed)
+    vae = tiny_vae(seed + 2)
+    vae.register_to_config(scaling_factor=0.13025)
+    return dict(unet=unet.eval(), vae=vae, text_encoder=tiny_text_encoder(SDXL_TEXT_WIDTHS[0], seed + 3),
+                text_encoder_2=tiny_sdxl_text_encoder_2(seed + 4), tokenizer=tokenizer(), tokenizer_2=tokenizer_2(),
+                scheduler=sdxl_scheduler())
+
+
+def save_tiny_sdxl_diffusers_base(path, seed: int = 0):
+    from diffusers import StableDiffusionXLPipeline
+
+    StableDiffusionXLPipeline(**tiny_sdxl_components(seed)).save_pretrained(str(path), safe_serialization=True)
+    return path

@@ -76,3 +76,42 @@ def test_no_loaded_checkpoint_is_one_sentence(webui_model, monkeypatch):
     monkeypatch.setattr(webui_model["shared"], "sd_model", None)
     with pytest.raises(UserError, match="No checkpoint is loaded"):
         train_base.loaded_checkpoint_path()
+
+
+def test_sdxl_training_from_the_loaded_sgm_model(tmp_path):
+    """An SDXL checkpoint loaded in the WebUI (sgm UNetModel with label_emb, weights edited in memory): the base
+    gets both text encoders from the file and the in-memory UNet, and a short training run exports an SDXL
+    ControlNet. One transformer depth on every level, as the ldm class (standing in for sgm's) holds."""
+    from diffusers import UNet2DConditionModel
+
+    from lib_controlnet.models import inspect_model, unet_diffusers_to_ldm
+    from lib_controlnet.webui import train_base
+    from tiny_checkpoint import write_tiny_sdxl_single_file
+
+    with standin_webui(tmp_path):
+        from modules import shared
+
+        write_tiny_sdxl_single_file(tmp_path / "xl.safetensors", config_dir=tmp_path / "xl-config",
+                                    transformer_layers_per_block=1)
+        in_memory = ldm_unet_like(UNet2DConditionModel.from_pretrained(tmp_path / "xl-config", subfolder="unet"),
+                                  "sdxl")
+        with torch.no_grad():
+            for param in in_memory.parameters():
+                param.add_(0.01)
+        shared.sd_model = types.SimpleNamespace(
+            sd_checkpoint_info=types.SimpleNamespace(filename=str(tmp_path / "xl.safetensors")),
+            model=types.SimpleNamespace(diffusion_model=in_memory), is_sdxl=True)
+        write_folder_pair(tmp_path / "pairs", 4, seed=1)
+        config = TrainConfig(dataset=str(tmp_path / "pairs"), base=train_base.loaded_checkpoint_path(),
+                             base_config=str(tmp_path / "xl-config"), output_dir=str(tmp_path / "run"),
+                             resolution=64, max_train_steps=2, train_batch_size=2,
+                             export_dir=str(tmp_path / "models"), export_dtype="fp32")
+        base = train_base.loaded_checkpoint_base(config)
+        assert base.is_sdxl
+        ours, expected = unet_diffusers_to_ldm(base.unet.state_dict()), in_memory.state_dict()
+        assert set(ours) == set(expected) and all(torch.equal(ours[k], expected[k]) for k in expected)
+        runner = BackgroundTraining(base_provider=train_base.loaded_checkpoint_base)
+        runner.start(config, use_base_provider=True)
+        runner.wait(300)
+        assert runner.error is None, runner.status_text()
+        assert inspect_model(runner.result.exported).base.startswith("sdxl")  # tiny depths read as "mid"

@@ -43,7 +43,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("generate", help="generate images with ControlNet units (diffusers, offline)")
-    parser.add_argument("--base", required=True, help="single-file SD1.5/SD2 checkpoint or a diffusers folder")
+    parser.add_argument("--base", required=True, help="single-file SD1.x/SD2.x/SDXL file or a diffusers folder")
     parser.add_argument("--base-config", help="diffusers config folder for a single-file base (default: shipped)")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative-prompt", default="")
@@ -54,6 +54,8 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="noise seed, as the WebUI takes it (default 0)")
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--prediction-type", default="auto", choices=("auto", "epsilon", "v_prediction"),
+                        help="auto: the file's v_pred marker, else the base config's")
     parser.add_argument("--out", required=True, help="output folder")
     from lib_controlnet.cli.detect import add_download_flag
 
@@ -73,7 +75,7 @@ def run(args) -> int:
     request = GenerateRequest(base=args.base, prompt=args.prompt, negative_prompt=args.negative_prompt,
                               units=[parse_unit(text) for text in args.unit], steps=args.steps, width=args.size[0], height=args.size[1],
                               seed=args.seed, guidance_scale=args.guidance_scale, batch_size=args.batch_size,
-                              base_config=args.base_config)
+                              base_config=args.base_config, prediction_type=args.prediction_type)
     for path in write_outputs(generate(request), args.out):
         print(path)
     return 0

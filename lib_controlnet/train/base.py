@@ -9,10 +9,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-from lib_controlnet.base_model import BaseModelError, load_pipeline
+from lib_controlnet.base_model import BaseModelError, load_pipeline, pipeline_architecture
 from lib_controlnet.errors import UserError
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
@@ -28,9 +29,23 @@ class BaseModel:
     prediction_type: str
     source: Path
     family: str
+    text_encoder_2: Optional[torch.nn.Module] = None  # SDXL: OpenCLIP bigG, whose pooled output conditions too
+    tokenizer_2: object = None
+
+    @property
+    def text_encoders(self) -> list:
+        return [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    def text_encoders_to(self, device, dtype=None) -> None:
+        for encoder in self.text_encoders:
+            encoder.to(device, dtype) if dtype is not None else encoder.to(device)
 
     def freeze(self) -> None:
-        for part in (self.vae, self.text_encoder, self.unet):
+        for part in (self.vae, *self.text_encoders, self.unet):
             part.requires_grad_(False)
             part.eval()
 
@@ -45,13 +60,11 @@ def load_base(path, config_dir: str = "", prediction_type: str = "auto",
     if source.is_file() and source.suffix.lower() not in SINGLE_FILE_SUFFIXES:
         raise BaseModelError(f"Base model {source.name} is neither a diffusers folder nor a checkpoint file.")
     try:
-        pipe = load_pipeline(source, config_dir or None)
+        pipe = load_pipeline(source, config_dir or None, prediction_type=prediction_type)
     except UserError:
         raise
     except Exception as error:
         raise BaseModelError(f"Base model {source} could not be loaded: {error}") from None
-    if getattr(pipe.unet.config, "addition_embed_type", None) == "text_time":
-        raise BaseModelError("SDXL bases are not supported by the trainer yet; use an SD1.x or SD2.x base.")
     if ldm_unet_state_dict is not None:
         from lib_controlnet.models import unet_ldm_to_diffusers
 
@@ -62,9 +75,10 @@ def load_base(path, config_dir: str = "", prediction_type: str = "auto",
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     if prediction_type != "auto":
         scheduler.register_to_config(prediction_type=prediction_type)
-    family = "sd2" if pipe.unet.config.cross_attention_dim == 1024 else "sd15"
+    architecture = pipeline_architecture(pipe)
     base = BaseModel(pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet, scheduler,
-                     scheduler.config.prediction_type, source, family)
+                     scheduler.config.prediction_type, source, architecture.family,
+                     getattr(pipe, "text_encoder_2", None), getattr(pipe, "tokenizer_2", None))
     base.freeze()
     return base
 

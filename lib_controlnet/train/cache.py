@@ -15,6 +15,8 @@ class TrainCache:
     def __init__(self):
         self._latents: dict[int, torch.Tensor] = {}
         self._text: dict[str, torch.Tensor] = {}
+        self._pooled: dict[str, torch.Tensor] = {}  # SDXL only
+        self._time_ids: dict[int, torch.Tensor] = {}  # SDXL micro-conditioning of the crop the latents are of
 
     @property
     def has_latents(self) -> bool:
@@ -30,10 +32,16 @@ class TrainCache:
     def text_embeddings(self, texts: list[str]) -> torch.Tensor:
         return torch.stack([self._text[t] for t in texts]).float()
 
+    def pooled_embeddings(self, texts: list[str]) -> torch.Tensor | None:
+        return torch.stack([self._pooled[t] for t in texts]).float() if self._pooled else None
+
+    def time_ids(self, indices: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self._time_ids[int(i)] for i in indices])
+
     @torch.no_grad()
     def build(self, dataset: TrainDataset, plan: BatchPlan, base, device, weight_dtype, latents: bool, text: bool,
               chunk: int = 8, progress=None) -> None:
-        from lib_controlnet.train.step import encode_prompts
+        from lib_controlnet.train.step import encode_text
 
         count = len(dataset)
         square = (dataset.config.resolution, dataset.config.resolution)
@@ -46,10 +54,11 @@ class TrainCache:
                 # samples of different buckets have different sizes: encode them one size at a time
                 for size in {tuple(i["pixel_values"].shape[1:]) for i in items}:
                     group = collate([i for i in items if tuple(i["pixel_values"].shape[1:]) == size])
-                    pixels = group["pixel_values"].to(device, weight_dtype)
+                    pixels = group["pixel_values"].to(device, base.vae.dtype)
                     params = base.vae.encode(pixels).latent_dist.parameters.to("cpu", torch.float16)
-                    for index, value in zip(group["index"].tolist(), params):
+                    for index, value, ids in zip(group["index"].tolist(), params, group["time_ids"]):
                         self._latents[index] = value.clone()
+                        self._time_ids[index] = ids.clone()
                 if progress:
                     progress(min(count, start + chunk), count)
         if text:
@@ -59,5 +68,7 @@ class TrainCache:
             ordered = sorted(captions)
             for start in range(0, len(ordered), chunk):
                 texts = ordered[start:start + chunk]
-                embedded = encode_prompts(base, texts, device).to("cpu", torch.float16)
-                self._text.update({t: e.clone() for t, e in zip(texts, embedded)})
+                embedded, pooled = encode_text(base, texts, device)
+                self._text.update({t: e.to("cpu", torch.float16).clone() for t, e in zip(texts, embedded)})
+                if pooled is not None:
+                    self._pooled.update({t: p.to("cpu", torch.float16).clone() for t, p in zip(texts, pooled)})

@@ -201,6 +201,14 @@ def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
 def crop_pair(image: Image.Image, hint: Image.Image, size: tuple[int, int], crop: str, flip: bool,
               rng: random.Random) -> tuple[Image.Image, Image.Image]:
     """Resize so that `size` is covered, then cut the SAME box out of both images (and flip both alike)."""
+    return crop_pair_with_time_ids(image, hint, size, crop, flip, rng)[:2]
+
+
+def crop_pair_with_time_ids(image, hint, size, crop, flip, rng):
+    """`crop_pair` plus SDXL's micro-conditioning of the sample: (original height, width, crop top, crop left,
+    target height, width), the crop measured in the resized image and mirrored with a flip, as diffusers'
+    train_controlnet_sdxl.py computes it."""
+    original = (image.height, image.width)
     width, height = size
     if hint.size != image.size:
         hint = hint.resize(image.size, Image.BILINEAR)
@@ -216,7 +224,8 @@ def crop_pair(image: Image.Image, hint: Image.Image, size: tuple[int, int], crop
     image, hint = image.crop(box), hint.crop(box)
     if flip and rng.random() < 0.5:
         image, hint = image.transpose(Image.FLIP_LEFT_RIGHT), hint.transpose(Image.FLIP_LEFT_RIGHT)
-    return image, hint
+        left = spare_x - left
+    return image, hint, torch.tensor([*original, top, left, height, width], dtype=torch.float32)
 
 
 def to_target(image: Image.Image) -> torch.Tensor:
@@ -247,11 +256,12 @@ class TrainDataset(torch.utils.data.Dataset):
         index, epoch, width, height = item
         image, hint, text = self.records.load(index)
         rng = sample_rng(self.config.seed, epoch, index)
-        image, hint = crop_pair(image, hint, (width, height), self.config.crop, self.config.random_flip, rng)
+        image, hint, time_ids = crop_pair_with_time_ids(image, hint, (width, height), self.config.crop,
+                                                        self.config.random_flip, rng)
         if rng.random() < self.config.proportion_empty_prompts:
             text = ""
         return {"pixel_values": to_target(image), "conditioning_pixel_values": to_hint(hint), "text": text,
-                "index": index}
+                "index": index, "time_ids": time_ids}
 
 
 def collate(items: list[dict]) -> dict:
@@ -260,6 +270,7 @@ def collate(items: list[dict]) -> dict:
         "conditioning_pixel_values": torch.stack([i["conditioning_pixel_values"] for i in items]),
         "text": [i["text"] for i in items],
         "index": torch.tensor([i["index"] for i in items]),
+        "time_ids": torch.stack([i["time_ids"] for i in items]),
     }
 
 

@@ -47,23 +47,41 @@ class TrainingStep:
             params = self.cache.latent_params(batch["index"]).to(self.device, torch.float32)
             dist = DiagonalGaussianDistribution(params)
         else:
-            pixels = batch["pixel_values"].to(self.device, self.weight_dtype)
+            pixels = batch["pixel_values"].to(self.device, self.base.vae.dtype)
             dist = self.base.vae.encode(pixels).latent_dist
         return dist.sample(generator=self.generator).to(self.weight_dtype) * self.scaling
 
     @torch.no_grad()
     def prompt_embeddings(self, texts: list[str]) -> torch.Tensor:
+        return self.text_conditions(texts)[0]
+
+    @torch.no_grad()
+    def text_conditions(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Hidden states for cross-attention and, for SDXL, the pooled embedding of the second encoder."""
         if self.cache.has_text:
-            return self.cache.text_embeddings(texts).to(self.device, self.weight_dtype)
-        unique = sorted(set(texts))  # empty prompts and repeated captions are encoded once per batch
-        encoded = encode_prompts(self.base, unique, self.device)
-        rows = {text: i for i, text in enumerate(unique)}
-        return encoded[[rows[t] for t in texts]].to(self.weight_dtype)
+            hidden, pooled = self.cache.text_embeddings(texts), self.cache.pooled_embeddings(texts)
+        else:
+            unique = sorted(set(texts))  # empty prompts and repeated captions are encoded once per batch
+            rows = {text: i for i, text in enumerate(unique)}
+            order = [rows[t] for t in texts]
+            hidden, pooled = encode_text(self.base, unique, self.device)
+            hidden, pooled = hidden[order], (pooled[order] if pooled is not None else None)
+        hidden = hidden.to(self.device, self.weight_dtype)
+        return hidden, (pooled.to(self.device, self.weight_dtype) if pooled is not None else None)
+
+    def added_conditions(self, batch, pooled) -> dict:
+        """SDXL's added conditions: pooled text + each sample's (original size, crop top-left, target size)."""
+        if pooled is None:
+            return {}
+        time_ids = self.cache.time_ids(batch["index"]) if self.cache.has_latents else batch["time_ids"]
+        return {"added_cond_kwargs": {"text_embeds": pooled,
+                                      "time_ids": time_ids.to(self.device, self.weight_dtype)}}
 
     # ------------------------------------------------------------------ loss
     def loss(self, batch) -> torch.Tensor:
         latents = self.latents(batch)
-        hidden = self.prompt_embeddings(batch["text"])
+        hidden, pooled = self.text_conditions(batch["text"])
+        added = self.added_conditions(batch, pooled)
         count = latents.shape[0]
         noise = torch.randn(latents.shape, generator=self.generator).to(self.device, latents.dtype)
         timesteps = torch.randint(0, self.num_timesteps, (count,), generator=self.generator).to(self.device)
@@ -71,8 +89,8 @@ class TrainingStep:
         noisy = scheduler.add_noise(latents, noise, timesteps)
         hint = batch["conditioning_pixel_values"].to(self.device, self.weight_dtype)
         down, mid = self.controlnet(noisy, timesteps, encoder_hidden_states=hidden, controlnet_cond=hint,
-                                    return_dict=False)
-        prediction = self.unet(noisy, timesteps, encoder_hidden_states=hidden,
+                                    return_dict=False, **added)
+        prediction = self.unet(noisy, timesteps, encoder_hidden_states=hidden, **added,
                                down_block_additional_residuals=[r.to(self.weight_dtype) for r in down],
                                mid_block_additional_residual=mid.to(self.weight_dtype), return_dict=False)[0]
         if scheduler.config.prediction_type == "v_prediction":
@@ -84,9 +102,25 @@ class TrainingStep:
 
 @torch.no_grad()
 def encode_prompts(base, texts: list[str], device) -> torch.Tensor:
-    tokens = base.tokenizer(texts, max_length=base.tokenizer.model_max_length, padding="max_length",
-                            truncation=True, return_tensors="pt")
-    return base.text_encoder(tokens.input_ids.to(device), return_dict=False)[0]
+    return encode_text(base, texts, device)[0]
+
+
+@torch.no_grad()
+def encode_text(base, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """SD1/SD2: the encoder's last hidden state, no pooled output. SDXL (as its pipeline does): both encoders'
+    penultimate hidden states side by side, and the second encoder's projected pooled output."""
+    if not getattr(base, "is_sdxl", False):
+        tokens = base.tokenizer(texts, max_length=base.tokenizer.model_max_length, padding="max_length",
+                                truncation=True, return_tensors="pt")
+        return base.text_encoder(tokens.input_ids.to(device), return_dict=False)[0], None
+    hidden, pooled = [], None
+    for tokenizer, encoder in ((base.tokenizer, base.text_encoder), (base.tokenizer_2, base.text_encoder_2)):
+        tokens = tokenizer(texts, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
+                           return_tensors="pt")
+        output = encoder(tokens.input_ids.to(device), output_hidden_states=True)
+        hidden.append(output.hidden_states[-2])
+        pooled = output[0]
+    return torch.cat(hidden, dim=-1), pooled
 
 
 @torch.no_grad()

@@ -65,6 +65,10 @@ class TrainResult:
     train_seconds: float = 0.0  # wall time of the training loop, fidelity rounds included
 
 
+class _NoValidation:
+    enabled = False
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, callbacks: TrainCallbacks | None = None,
                  cancel_event: threading.Event | None = None, base: BaseModel | None = None,
@@ -152,8 +156,9 @@ class Trainer:
 
         self._message(f"Loading base model {config.base}")
         base = self.base or load_base(config.base, config.base_config, config.prediction_type)
-        base.vae.to(device, weight_dtype)
-        base.text_encoder.to(device, weight_dtype)
+        # SDXL's stock VAE overflows in fp16 (its config says force_upcast): it stays fp32; fp16-safe VAEs do not
+        base.vae.to(device, torch.float32 if getattr(base.vae.config, "force_upcast", False) else weight_dtype)
+        base.text_encoders_to(device, weight_dtype)
         base.unet.to(device, weight_dtype if config.sd_locked else torch.float32)
         controlnet = self._controlnet(base.unet)
         params = list(controlnet.parameters())
@@ -198,15 +203,19 @@ class Trainer:
         if config.cache_latents or config.cache_text_embeddings:
             self._message("Caching latents / prompt embeddings")
             cache.build(dataset, plan, base, device, weight_dtype, config.cache_latents, config.cache_text_embeddings)
-        validator = Validator(base, config, device, weight_dtype)
+        validator = Validator(base, config, device, weight_dtype) if not base.is_sdxl else _NoValidation()
+        if base.is_sdxl and config.validation_pairs():
+            self._message("Validation images are not made for SDXL bases yet; training goes on without them.")
         fidelity = None
-        if heldout is not None and accelerator.is_main_process:
+        if heldout is not None and base.is_sdxl:
+            self._message("Control fidelity is not measured for SDXL bases yet; training goes on without it.")
+        elif heldout is not None and accelerator.is_main_process:
             try:  # reads the held-out rows and runs the preprocessor once: a missing weight file shows here
                 fidelity = FidelityValidator(base, config, device, weight_dtype, heldout.rows(), *self._fidelity_module)
             except Exception as error:  # fidelity is a measurement: without it, training still runs
                 self._message(f"Control fidelity is off: {self._fidelity_module[0]} cannot run ({error}).")
         if config.cache_text_embeddings:
-            base.text_encoder.to("cpu")  # every prompt it would encode is cached now
+            base.text_encoders_to("cpu")  # every prompt they would encode is cached now
         step = TrainingStep(base, controlnet, unet, device, weight_dtype, noise_generator, cache, accelerator,
                             optimizer, params, config.max_grad_norm)
 

@@ -27,7 +27,6 @@ def loaded_checkpoint_base(config):
     from lib_controlnet.train.base import load_base
 
     model, info = _loaded_model()
-    if getattr(model, "is_sdxl", False):
-        raise UserError("The loaded checkpoint is SDXL; the trainer supports SD1.x and SD2.x bases.")
+    # SD1/SD2 (ldm) and SDXL (sgm, with label_emb) UNets share the ldm key names the converter reads
     unet_weights = {k: v.detach().to("cpu") for k, v in model.model.diffusion_model.state_dict().items()}
     return load_base(info.filename, config.base_config, config.prediction_type, ldm_unet_state_dict=unet_weights)
