@@ -17,78 +17,13 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-
-# ---------------------------------------------------------------------------------------------- measuring
-class PeakMemory:
-    """Peak resident memory above a baseline, sampled in a thread (CPU), or CUDA's own counter."""
-
-    def __init__(self, device):
-        self.device, self.peak, self.baseline, self._stop = device, 0, 0, threading.Event()
-
-    @staticmethod
-    def rss() -> int:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __enter__(self):
-        import torch
-
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.baseline = torch.cuda.memory_allocated()
-            return self
-        self.baseline = self.peak = self.rss()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.rss())
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        import torch
-
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated()
-        else:
-            self._stop.set()
-            self._thread.join()
-
-    @property
-    def added_mb(self) -> float:
-        return (self.peak - self.baseline) / 2**20
-
-
-# ---------------------------------------------------------------------------------------------- inputs
-def make_inputs(resolution: int, batch: int, steps: int):
-    import numpy as np
-    import torch
-
-    from lib_controlnet.train.data import to_hint, to_target
-    from lib_controlnet.train.synthetic import square_pair
-
-    rng = np.random.default_rng(0)
-    batches = []
-    for step in range(steps):
-        pairs = [square_pair(rng, resolution) for _ in range(batch)]
-        batches.append({
-            "pixel_values": torch.stack([to_target(image) for image, _ in pairs]),
-            "conditioning_pixel_values": torch.stack([to_hint(hint) for _, hint in pairs]),
-            "text": [f"a bright square, sample {step * batch + i}" for i in range(batch)],  # all captions distinct
-            "index": torch.arange(step * batch, (step + 1) * batch),
-        })
-    return batches
+from benchmarks._train_steps import PeakMemory, make_inputs, our_steps, reference_steps  # noqa: E402
 
 
 def load_models(base_dir: Path, device):
@@ -102,69 +37,6 @@ def load_models(base_dir: Path, device):
     controlnet = ControlNetModel.from_unet(base.unet).to(device)
     controlnet.train()
     return base, controlnet
-
-
-# ---------------------------------------------------------------------------------------------- variants
-def reference_steps(base, controlnet, batches, device):
-    """What diffusers' train_controlnet.py does per step (single process, fp32, its defaults)."""
-    import torch
-    import torch.nn.functional as F
-
-    vae, text_encoder, unet, scheduler = base.vae, base.text_encoder, base.unet, base.noise_scheduler
-    optimizer = torch.optim.AdamW(controlnet.parameters(), lr=1e-5, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
-    for batch in batches:  # the script tokenizes in its dataset preprocessing, outside the step
-        batch["input_ids"] = base.tokenizer(batch["text"], max_length=base.tokenizer.model_max_length,
-                                            padding="max_length", truncation=True, return_tensors="pt").input_ids
-
-    def step(batch):
-        latents = vae.encode(batch["pixel_values"].to(device)).latent_dist.sample()
-        latents = latents * vae.config.scaling_factor
-        noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device).long()
-        noisy_latents = scheduler.add_noise(latents, noise, timesteps)
-        encoder_hidden_states = text_encoder(batch["input_ids"].to(device), return_dict=False)[0]
-        controlnet_image = batch["conditioning_pixel_values"].to(device)
-        down, mid = controlnet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
-                               controlnet_cond=controlnet_image, return_dict=False)
-        model_pred = unet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
-                          down_block_additional_residuals=list(down), mid_block_additional_residual=mid,
-                          return_dict=False)[0]
-        loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=False)  # the script's default (--set_grads_to_none off)
-        return loss
-
-    return step
-
-
-def our_steps(base, controlnet, batches, device, cached: bool, resolution: int):
-    import torch
-    from accelerate import Accelerator
-
-    from lib_controlnet.train.cache import TrainCache
-    from lib_controlnet.train.config import TrainConfig
-    from lib_controlnet.train.step import TrainingStep, encode_prompts
-
-    accelerator = Accelerator(cpu=device.type == "cpu")
-    params = list(controlnet.parameters())
-    optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
-    controlnet, optimizer = accelerator.prepare(controlnet, optimizer)
-    cache = TrainCache()
-    if cached:  # filled the way TrainCache.build does, from the same tensors the reference gets
-        with torch.no_grad():
-            for batch in batches:
-                params_ = base.vae.encode(batch["pixel_values"].to(device)).latent_dist.parameters
-                for index, value in zip(batch["index"].tolist(), params_.to("cpu", torch.float16)):
-                    cache._latents[index] = value
-                for text, embedding in zip(batch["text"], encode_prompts(base, batch["text"], device)):
-                    cache._text[text] = embedding.to("cpu", torch.float16)
-        base.text_encoder.to("cpu")
-    TrainConfig(resolution=resolution).validate()
-    step = TrainingStep(base, controlnet, base.unet, device, torch.float32, torch.Generator().manual_seed(0), cache,
-                        accelerator, optimizer, params, max_grad_norm=1.0)
-    return step.train_micro_batch
 
 
 def worker(args) -> None:
