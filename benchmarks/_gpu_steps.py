@@ -50,7 +50,9 @@ class _LdmJob:
             size, ctx
 
     def _call(self):
-        autocast = torch.autocast("cuda", dtype=torch.float16) if self.ctx.dev.cuda else contextlib.nullcontext()
+        # the WebUI samples under autocast: ldm's timestep embedding comes out fp32 for fp16 layers
+        autocast = torch.autocast(self.ctx.device.type, dtype=torch.float16) if self.ctx.dtype == torch.float16 \
+            else contextlib.nullcontext()
         with torch.no_grad(), autocast:
             self.ldm(self.inputs["x"], timesteps=self.inputs["t"], context=self.inputs["context"],
                      y=self.inputs["y"])
