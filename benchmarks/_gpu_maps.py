@@ -60,19 +60,16 @@ def preprocess_section(ctx, deadline) -> list[Row]:
             rows.append(Row(section, item, status=f"not measured: the section's {deadline.limit:.0f} s ran out"))
             continue
         share = deadline.share(len(names) - names.index(name))
-        ours = bench_preprocess._ours_call(name, args)
-        aux = bench_preprocess._aux_call(name, args, device=ctx.device)
-        ours(images[0])  # warm-up: lazy loading and first-call allocations are not throughput
-        aux(images[0])
-        times = {"ours": [], "aux": []}
-        peaks = {"ours": [], "aux": []}
-        for rep in range(rounds):
-            for image in images:
-                if share.expired() and times["ours"]:
-                    break
-                order = [("ours", ours), ("aux", aux)] if rep % 2 == 0 else [("aux", aux), ("ours", ours)]
-                for side, fn in order:
-                    _measured_call(ctx.dev, fn, image, times[side], peaks[side])
+        try:
+            times, peaks = _paired(ctx, name, args, images, rounds, share)
+        except Exception as error:  # one broken map (either side) is its row; the other maps still run
+            import traceback
+
+            traceback.print_exc()
+            rows.append(Row(section, item, status=f"failed: {type(error).__name__}: {error}"[:300]))
+            continue
+        finally:
+            ctx.dev.free()
         from annotators.runtime import low_precision_dtype
 
         precision = "bfloat16" if low_precision_dtype() is not None else "float32"
@@ -80,9 +77,25 @@ def preprocess_section(ctx, deadline) -> list[Row]:
                         ratio(median(times["ours"]), median(times["aux"])), "lower",
                         max(peaks["ours"], default=None), max(peaks["aux"], default=None), len(times["ours"]),
                         note=f"ours in our default precision here ({precision}); peak = added during a call"))
-        del ours, aux
-        ctx.dev.free()
     return rows
+
+
+def _paired(ctx, name: str, args, images, rounds: int, deadline):
+    """Seconds per map and added peak memory per call, both sides, call by call in alternation."""
+    ours = bench_preprocess._ours_call(name, args)
+    aux = bench_preprocess._aux_call(name, args, device=ctx.device)
+    ours(images[0])  # warm-up: lazy loading and first-call allocations are not throughput
+    aux(images[0])
+    times = {"ours": [], "aux": []}
+    peaks = {"ours": [], "aux": []}
+    for rep in range(rounds):
+        for image in images:
+            if deadline.expired() and times["ours"]:
+                return times, peaks
+            order = [("ours", ours), ("aux", aux)] if rep % 2 == 0 else [("aux", aux), ("ours", ours)]
+            for side, fn in order:
+                _measured_call(ctx.dev, fn, image, times[side], peaks[side])
+    return times, peaks
 
 
 def dataset_section(ctx, deadline) -> list[Row]:

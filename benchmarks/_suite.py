@@ -142,6 +142,10 @@ def markdown(rows: list[Row], header: str) -> str:
         ratio_cell = f"{row.ratio:.3f}" if row.ratio is not None else ""
         lines.append(f"| {row.section} | {row.item} | {_cell(row.ours)} | {peer} | {row.unit} | {ratio_cell} | "
                      f"{row.better} | {peak} | {row.samples} | {row.note} |")
+    lines += ["", "Ratios are ours / peer. Peak GB: sampling = most allocated during the steps, with every model of the "
+              "section resident (both UNets, 3 ControlNets), so rows differ by what the steps add; training = most "
+              "allocated during the timed steps, the shared frozen base included; preprocessors = what one call "
+              "allocated above what was there before it."]
     return "\n".join(lines) + "\n"
 
 
