@@ -50,3 +50,28 @@ def test_tiny_run_writes_every_section_with_a_figure_or_a_reason(tmp_path):
     assert "| section | what | ours | peer |" in table
     assert all(f"| {section} |" in table for section in SECTIONS)
     assert table in done.stdout  # the same table is printed
+
+
+def test_a_section_deadline_stops_between_iterations_and_keeps_what_was_measured():
+    """Sections loop through benchmarks._pipeline_steps.interleaved under a Deadline: past the limit no new run
+    starts, and the runs done so far are the section's figures."""
+    import time
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks._pipeline_steps import interleaved
+    from benchmarks._suite import Deadline
+
+    outer = Deadline(60)
+    deadline = Deadline(0.25, outer)
+    started = time.monotonic()
+
+    def run():
+        time.sleep(0.1)
+        return time.monotonic() - started
+
+    results = interleaved({"a": run, "b": run}, rounds=100, expired=deadline.expired)
+    elapsed = time.monotonic() - started
+    assert 0.25 <= elapsed < 0.25 + 0.1 + 0.2  # at most the iteration under way when the limit passed
+    assert len(results["a"]) >= 1 and len(results["a"]) + len(results["b"]) < 200
+    assert all(t <= elapsed for t in results["a"] + results["b"])
+    assert Deadline(1000, outer).end == outer.end  # never past the whole run's deadline
