@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export DISABLE_TELEMETRY := 1
 
-.PHONY: test demo venv bench browser-deps clean
+.PHONY: test demo venv bench bench-gpu browser-deps clean
 
 venv: $(VENV)/.installed
 
@@ -35,6 +35,12 @@ demo: venv
 
 bench: venv
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+
+# The GPU suite needs a CUDA torch, which the CPU-pinned .venv does not hold: it runs on GPU_PY (a Python with CUDA
+# torch and this project's requirements; benchmarks/RESULTS.md says how on a bare GPU machine). Under 8 minutes.
+GPU_PY ?= python3
+bench-gpu:
+	$(GPU_PY) benchmarks/gpu_suite.py --out gpu-suite-output
 
 clean:
 	rm -rf $(VENV) demo-output

@@ -29,6 +29,8 @@ import lib_controlnet  # noqa: E402,F401  (torchvision repair first)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks import _pipeline_steps as pipeline_steps  # noqa: E402
+
 SIZES = {
     "sd15": dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8),
     "quick": dict(sample_size=64, block_out_channels=(64, 128, 256, 256), cross_attention_dim=256, attention_head_dim=4),
@@ -96,12 +98,6 @@ def build(size: str):
     return components, controlnet
 
 
-def median_step(times: list[float]) -> float:
-    """Per-step time from the callback timestamps, leaving out the first (warm-up) step."""
-    steps = np.diff(times)[1:]
-    return float(statistics.median(steps))
-
-
 def time_pipeline(components, controlnet, hint, args, guess_mode: bool) -> float:
     from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
 
@@ -109,17 +105,7 @@ def time_pipeline(components, controlnet, hint, args, guess_mode: bool) -> float
         pipe = StableDiffusionXLControlNetPipeline(controlnet=controlnet, **components)
     else:
         pipe = StableDiffusionControlNetPipeline(controlnet=controlnet, requires_safety_checker=False, **components)
-    pipe.set_progress_bar_config(disable=True)
-    stamps = [time.perf_counter()]
-
-    def stamp(pipeline, step, timestep, kwargs):
-        stamps.append(time.perf_counter())
-        return kwargs
-
-    pipe("a house", image=hint, num_inference_steps=args.steps, width=args.image, height=args.image,
-         guidance_scale=7.5, guess_mode=guess_mode, generator=torch.Generator().manual_seed(0),
-         callback_on_step_end=stamp, output_type="latent")
-    return median_step(stamps)
+    return pipeline_steps.time_pipeline(pipe, args.steps, args.image, image=hint, guess_mode=guess_mode).per_step()
 
 
 def time_ours(components, controlnet, hint, args, mode: str) -> float:
@@ -127,20 +113,11 @@ def time_ours(components, controlnet, hint, args, mode: str) -> float:
     the peer must run the model as diffusers builds it."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from lib_controlnet.generate import GenerateRequest, generate
-    from lib_controlnet.unit import ControlUnit
-
     if args.sdxl:
         pipe = StableDiffusionXLPipeline(**components)
     else:
         pipe = StableDiffusionPipeline(requires_safety_checker=False, **components)
-    stamps = [time.perf_counter()]
-    request = GenerateRequest(
-        base="", prompt="a house", units=[ControlUnit(module="none", model="bench", image=hint, control_mode=mode)],
-        steps=args.steps, width=args.image, height=args.image, load_model=lambda name: controlnet,
-        on_step_end=lambda step: stamps.append(time.perf_counter()))
-    generate(request, pipe=pipe)
-    return median_step(stamps)
+    return pipeline_steps.time_ours(pipe, [controlnet], hint, args.steps, args.image, mode).per_step()
 
 
 def hook_overhead(components, controlnet, args) -> float:

@@ -117,12 +117,15 @@ def _ours_call(name: str, args):
     return lambda im: preprocess.run(name, im, resolution=args.size, use_cache=False)
 
 
-def _aux_call(name: str, args):
+def _aux_call(name: str, args, device=None):
+    """controlnet-aux's detector for `name`, moved to `device` when given (its users call .to themselves)."""
     import controlnet_aux  # the peer as its users import it
 
     _, cls, kw = {**MODEL_FREE, **NEURAL_ALL}[name]
     detector_class = getattr(controlnet_aux, cls)
     detector = detector_class.from_pretrained(args.weights, **kw) if name in NEURAL_ALL else detector_class()
+    if device is not None and hasattr(detector, "to"):
+        detector.to(device)
     if name == "depth_leres":
         detector.model.eval()  # controlnet-aux leaves it in training mode: compare the same computation
     if name in ("lineart_standard", "softedge_teed"):  # no image_resolution argument
