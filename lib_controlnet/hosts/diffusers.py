@@ -3,7 +3,8 @@
 One forward pre-hook (with kwargs) per job: it asks the Controller for the step's residuals and passes them as
 `down_block_additional_residuals` / `mid_block_additional_residual`, the UNet's own ControlNet inputs, added
 to any residuals the caller passed already; T2I-Adapter features go in as `down_intrablock_additional_residuals`,
-the UNet's own adapter input (it adds them where diffusers' adapter pipelines do). `forward` is never replaced, so other wrappers keep working.
+the UNet's own adapter input (it adds them where diffusers' adapter pipelines do). `forward` is never replaced,
+so other wrappers keep working.
 """
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ def _pre_hook(controller: Controller):
         if residuals.encoder is not None:
             features = list(residuals.encoder)  # the UNet pops from this list
             if kwargs.get("down_intrablock_additional_residuals") is not None:
-                features = [ours + theirs for ours, theirs in zip(features, kwargs["down_intrablock_additional_residuals"])]
+                theirs = kwargs["down_intrablock_additional_residuals"]
+                features = [ours + other for ours, other in zip(features, theirs)]
             kwargs["down_intrablock_additional_residuals"] = features
         return args, kwargs
 

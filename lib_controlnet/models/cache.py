@@ -1,4 +1,5 @@
-"""Loaded control models (every kind) kept in memory, least recently used dropped first; size from settings.model_cache_size."""
+"""Loaded control models (every kind) kept in memory, least recently used dropped first; size from
+settings.model_cache_size."""
 from __future__ import annotations
 
 import collections
@@ -61,5 +62,6 @@ def resolve(name_or_path) -> Path:
 
 
 def get_controlnet(name_or_path, dtype=None, device="cpu"):
-    """The control model (ControlNetModel, T2IAdapter, ...) for a registry name or a path, loaded once and then served from the LRU cache."""
+    """The control model (ControlNetModel, T2IAdapter, ...) for a registry name or a path, loaded once and then
+    served from the LRU cache."""
     return _cache.get(resolve(name_or_path), dtype=dtype, device=device)

@@ -124,7 +124,8 @@ def build_adapter(config: dict, state_dict: dict, name: str):
         with init_empty_weights():
             model = T2IAdapter(**{k: v for k, v in config.items() if k in allowed})
     except (TypeError, ValueError) as error:
-        raise ModelFileError(f"{name} has a T2I-Adapter config this version of diffusers cannot build: {error}.") from None
+        raise ModelFileError(f"{name} has a T2I-Adapter config this version of diffusers cannot build: "
+                             f"{error}.") from None
     expected = model.state_dict(keep_vars=True)
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
