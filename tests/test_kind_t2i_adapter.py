@@ -194,10 +194,12 @@ def test_error_inside_the_call_leaves_the_unet_bit_identical(files, unets):
 
 def test_adapter_for_another_base_gets_one_sentence(files, unets):
     unet, ldm_unet, data = unets["sd15"]
+    plain = ldm_call(ldm_unet, unet, data, "sd15")
     with pytest.raises(ControlError, match="made for another base model"):
         with ldm_host.hooked(ldm_unet, controller(load_control_model(files["xl"][0]), data)):
             ldm_call(ldm_unet, unet, data, "sd15")
-    assert torch.equal(ldm_call(ldm_unet, unet, data, "sd15"), ldm_call(ldm_unet, unet, data, "sd15"))
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in ldm_unet.modules()) == 0
+    assert torch.equal(ldm_call(ldm_unet, unet, data, "sd15"), plain)
 
 
 def test_damaged_and_style_files_get_one_sentence(files, tmp_path):
@@ -211,3 +213,19 @@ def test_damaged_and_style_files_get_one_sentence(files, tmp_path):
     message = str(pytest.raises(ModelFileError, load_control_model, tmp_path / "t2iadapter_style_sd14v1.safetensors")
                   .value)
     assert "T2I-Adapter style model" in message and "\n" not in message
+
+
+def test_kinds_not_run_yet_and_unknown_files_get_one_sentence(tmp_path):
+    """The general loader names each kind it recognises by keys but cannot run yet; other files stay refused."""
+    cases = {
+        "controlnet-union-sdxl-1.0.safetensors": ({"control_add_embedding.linear_1.bias": torch.zeros(4),
+                                                   "task_embedding": torch.zeros(6, 32)}, "ControlNet-Union"),
+        "control-lora-canny-rank128.safetensors": ({"lora_controlnet": torch.zeros(1)}, "Control-LoRA"),
+        "kohya_controllllite_xl_canny.safetensors": ({"lllite_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+                                                      ".down.0.weight": torch.zeros(4, 4)}, "ControlNet-LLLite"),
+        "vae.safetensors": ({"encoder.conv_in.weight": torch.zeros(4, 3, 3, 3)}, "is not a ControlNet"),
+    }
+    for name, (state, fragment) in cases.items():
+        save_file(state, str(tmp_path / name))
+        message = str(pytest.raises(ModelFileError, load_control_model, tmp_path / name).value)
+        assert fragment in message and "\n" not in message and message.endswith("."), message
