@@ -4,6 +4,9 @@
     python benchmarks/bench_hook.py --quick    # a mid-size SD1.5-shaped model (well under a minute here)
     python benchmarks/bench_hook.py --sdxl --image 512           # SDXL-size UNet + ControlNet (~18 GB fp32)
     python benchmarks/bench_hook.py --sdxl --quick --image 512   # a mid-size SDXL-shaped model
+    python benchmarks/bench_hook.py --adapter  # a T2I-Adapter (full, same channels) instead of a ControlNet:
+        adapter ratio = our per-step time / StableDiffusionAdapterPipeline's                       [<= 1.00]
+        and the adapter's added cost over a plain step, beside a ControlNet's (it runs once per job)
 
 Prints three ratios (lower is better), measured in one run on the same weights and inputs:
   hook overhead  = one hooked UNet step with one unit / (UNet step alone + ControlNet forward alone)  [<= 1.02]
@@ -108,6 +111,41 @@ def time_pipeline(components, controlnet, hint, args, guess_mode: bool) -> float
     return pipeline_steps.time_pipeline(pipe, args.steps, args.image, image=hint, guess_mode=guess_mode).per_step()
 
 
+def time_adapter_pipeline(components, adapter, hint, args) -> float:
+    from diffusers import StableDiffusionAdapterPipeline
+
+    pipe = StableDiffusionAdapterPipeline(adapter=adapter, requires_safety_checker=False, **components)
+    pipe.set_progress_bar_config(disable=True)
+    stamps = [time.perf_counter()]
+    pipe("a house", image=hint, num_inference_steps=args.steps, width=args.image, height=args.image,
+         guidance_scale=7.5, generator=torch.Generator().manual_seed(0), output_type="latent",
+         callback=lambda step, timestep, latents: stamps.append(time.perf_counter()))
+    return pipeline_steps.median_step(stamps)
+
+
+def adapter_main(args, components, controlnet, hint, hint_pil) -> None:
+    """Per step: ours with a T2I-Adapter vs diffusers' adapter pipeline, and the added cost of each kind."""
+    from diffusers import T2IAdapter
+
+    torch.manual_seed(1)
+    adapter = T2IAdapter(in_channels=3, channels=list(components["unet"].config.block_out_channels),
+                         num_res_blocks=2, adapter_type="full_adapter").eval()
+    ours_adapter, ours_controlnet = copy.deepcopy(adapter), copy.deepcopy(controlnet)
+    results = {"pipe": [], "ours": [], "plain": [], "controlnet": []}
+    for _ in range(args.repeats):
+        results["pipe"].append(time_adapter_pipeline(components, adapter, hint_pil, args))
+        results["ours"].append(time_ours(components, ours_adapter, hint, args, "Balanced"))
+        results["plain"].append(time_ours(components, None, hint, args, "Balanced"))
+        results["controlnet"].append(time_ours(components, ours_controlnet, hint, args, "Balanced"))
+    step = {name: statistics.median(values) for name, values in results.items()}
+    print(f"per step: adapter pipeline {step['pipe']:.3f}s, ours {step['ours']:.3f}s; plain {step['plain']:.3f}s, "
+          f"ours with a ControlNet {step['controlnet']:.3f}s")
+    print(f"adapter ratio            {step['ours'] / step['pipe']:.3f}  (target <= 1.00)")
+    added_adapter, added_controlnet = step["ours"] - step["plain"], step["controlnet"] - step["plain"]
+    print(f"added per step           adapter {added_adapter:.3f}s vs ControlNet {added_controlnet:.3f}s "
+          f"({added_adapter / added_controlnet:.2f} of it)")
+
+
 def time_ours(components, controlnet, hint, args, mode: str) -> float:
     """`controlnet` must be our own copy: a job switches its convolutions to the faster CPU kernel in place, and
     the peer must run the model as diffusers builds it."""
@@ -117,7 +155,8 @@ def time_ours(components, controlnet, hint, args, mode: str) -> float:
         pipe = StableDiffusionXLPipeline(**components)
     else:
         pipe = StableDiffusionPipeline(requires_safety_checker=False, **components)
-    return pipeline_steps.time_ours(pipe, [controlnet], hint, args.steps, args.image, mode).per_step()
+    models = [] if controlnet is None else [controlnet]  # None: a plain step, no unit
+    return pipeline_steps.time_ours(pipe, models, hint, args.steps, args.image, mode).per_step()
 
 
 def hook_overhead(components, controlnet, args) -> float:
@@ -164,6 +203,7 @@ def main(argv=None) -> int:
     parser.add_argument("--image", type=int, default=256, help="image side in pixels (latent = image / 8)")
     parser.add_argument("--steps", type=int, default=4, help="sampling steps per run (the first is warm-up)")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 3)")
+    parser.add_argument("--adapter", action="store_true", help="benchmark a T2I-Adapter instead of a ControlNet")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.add_argument("--sdxl", action="store_true", help="SDXL-shaped UNet + ControlNet, SDXL pipelines")
     args = parser.parse_args(argv)
@@ -184,6 +224,10 @@ def main(argv=None) -> int:
     print(f"model: {size} (UNet {sum(p.numel() for p in components['unet'].parameters()) / 1e6:.0f}M, ControlNet "
           f"{sum(p.numel() for p in controlnet.parameters()) / 1e6:.0f}M params), image {args.image}x{args.image}, "
           f"{args.steps} steps x {args.repeats} rounds, {torch.get_num_threads()} threads")
+    if args.adapter:
+        adapter_main(args, components, controlnet, hint, hint_pil)
+        print(f"total {time.perf_counter() - started:.0f}s")
+        return 0
     ours_controlnet = copy.deepcopy(controlnet)  # see time_ours: the pipeline keeps the untouched model
     overhead = hook_overhead(components, ours_controlnet, args)
     results = {"pipe": [], "ours": [], "pipe_guess": [], "ours_control": []}

@@ -1,7 +1,9 @@
 """Per-step ControlNet control for every enabled unit, summed. Knows no host.
 
 A host (hosts/ldm.py, hosts/diffusers.py) catches each UNet call, hands its inputs over as a `UNetCall`, and
-adds the returned `Residuals` to the UNet's skip connections and middle block. The driver of the sampling loop
+puts the returned `Residuals` where each part goes: ControlNet residuals onto the UNet's skip connections and
+middle block, T2I-Adapter features onto the outputs of the encoder's input blocks. Which part a unit feeds is
+its model's kind (lib_controlnet.models.kinds). The driver of the sampling loop
 tells the `Controller` which step it is in and how the batch rows are laid out (`begin_step`), and which pass
 (first or hires-fix) it is in (`set_pass`).
 """
@@ -14,10 +16,12 @@ from typing import Any, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from lib_controlnet.control_forward import added_embedding_input, controlnet_residuals, hint_embedding
+from lib_controlnet.control_forward import (adapter_features, added_embedding_input, controlnet_residuals,
+                                            hint_embedding)
 from lib_controlnet.cpu_convolution import use_fastest_kernels
 from lib_controlnet.control_units import (SOFT_WEIGHT_BASE, ControlError, ControlJob, PreparedUnit,  # noqa: F401
                                           prepare_units)
+from lib_controlnet.models.kinds import ENCODER_FEATURES, RESIDUALS
 from lib_controlnet.unit import ControlMode, HiResFixOption
 
 ALL_ROWS = slice(None)
@@ -79,10 +83,14 @@ class UNetCall:
 
 @dataclasses.dataclass
 class Residuals:
-    """Full-batch residuals: one per UNet input block (skip connection), then the middle block."""
+    """Full-batch control for one UNet call. `down` + `mid`: residuals, one per UNet input block (skip
+    connection), then the middle block (None when no ControlNet-like unit is active). `encoder`: feature maps
+    to add to the encoder's features, in the UNet's order, as diffusers' `down_intrablock_additional_residuals`
+    (T2I-Adapter; None when no adapter is active)."""
 
-    down: list[torch.Tensor]
-    mid: torch.Tensor
+    down: Optional[list[torch.Tensor]] = None
+    mid: Optional[torch.Tensor] = None
+    encoder: Optional[list[torch.Tensor]] = None
 
 
 class Controller:
@@ -146,8 +154,24 @@ class Controller:
                     continue
             else:
                 selection = ALL_ROWS
-            down, mid = self._run_unit(prepared, call, rows, selection)
-            total = _accumulate(total, down, mid, selection, call.sample.shape[0])
+            total = total or Residuals()
+            batch = call.sample.shape[0]
+            control = prepared.kind.control
+            if control == RESIDUALS:
+                down, mid = self._run_unit(prepared, call, rows, selection)
+                summed = _accumulate(None if total.down is None else total.down + [total.mid], down + [mid],
+                                     selection, batch)
+                total.down, total.mid = summed[:-1], summed[-1]
+            elif control == ENCODER_FEATURES:
+                features = self._run_adapter(prepared, call, rows, selection)
+                if total.encoder is not None and [f.shape[1:] for f in total.encoder] != [
+                        f.shape[1:] for f in features]:
+                    raise ControlError(f"T2I-Adapter '{prepared.unit.model}' gives features of other sizes than "
+                                       "the job's other adapters; use adapters made for the same base model.")
+                total.encoder = _accumulate(total.encoder, features, selection, batch)
+            else:
+                raise ControlError(f"'{prepared.unit.model}' is a {prepared.kind.name} model, which the "
+                                   "controller cannot run yet.")
         return total
 
     def _take_rows(self, batch: int) -> RowLayout:
@@ -193,6 +217,27 @@ class Controller:
             outputs.append(tensor.mul_(scale) if not tensor.requires_grad else tensor * scale)
         return outputs[:-1], outputs[-1]
 
+    def _run_adapter(self, prepared: PreparedUnit, call: UNetCall, rows: RowLayout, selection) -> list[torch.Tensor]:
+        """The adapter's features for these rows, scaled and masked; computed once per size, not per step."""
+        height, width = call.sample.shape[-2] * 8, call.sample.shape[-1] * 8
+        key = ("features", width, height, str(prepared.model.device), prepared.model.dtype)
+        cache = prepared._embeddings
+        if key not in cache:
+            cache.clear()
+            with _on_device(prepared.model, prepared.unit.low_vram, self.job), torch.no_grad():
+                cache[key] = [f.to(call.sample.device) for f in
+                              adapter_features(prepared.model, prepared.hint(width, height))]
+        images = _image_rows(rows, selection)
+        mask = prepared.mask_at(width, height)
+        outputs = []
+        for feature, scale in zip(cache[key], prepared.scales()):
+            feature = _pick(feature, images).to(call.sample.dtype)
+            if mask is not None:
+                feature = feature * F.interpolate(_pick(mask.to(feature.device, feature.dtype), images),
+                                                  size=feature.shape[-2:], mode="area")
+            outputs.append(feature * scale)
+        return outputs
+
     def _embedding(self, prepared: PreparedUnit, width: int, height: int) -> torch.Tensor:
         key = (width, height, str(prepared.model.device), prepared.model.dtype)
         cache = prepared._embeddings
@@ -234,21 +279,21 @@ def _pick(per_image: torch.Tensor, images: list[int]) -> torch.Tensor:
     return per_image.index_select(0, torch.tensor(images, dtype=torch.long, device=per_image.device))
 
 
-def _accumulate(total: Optional[Residuals], down, mid, selection, batch: int) -> Residuals:
+def _accumulate(total: Optional[list], new: list, selection, batch: int) -> list:
+    """Add a unit's tensors for the selected rows into the full-batch sums (None: nothing summed yet)."""
     if selection is ALL_ROWS:
         if total is None:
-            return Residuals(list(down), mid)
-        for acc, new in zip(total.down, down):
-            acc.add_(new)
-        total.mid.add_(mid)
+            return list(new)
+        for acc, item in zip(total, new):
+            acc.add_(item)
         return total
     if total is None:
-        total = Residuals([d.new_zeros((batch, *d.shape[1:])) for d in down], mid.new_zeros((batch, *mid.shape[1:])))
-    for acc, new in zip(total.down + [total.mid], list(down) + [mid]):
+        total = [t.new_zeros((batch, *t.shape[1:])) for t in new]
+    for acc, item in zip(total, new):
         if isinstance(selection, slice):
-            acc[selection] += new
+            acc[selection] += item
         else:
-            acc.index_add_(0, selection.to(acc.device), new)
+            acc.index_add_(0, selection.to(acc.device), item)
     return total
 
 

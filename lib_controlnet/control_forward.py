@@ -66,3 +66,17 @@ def controlnet_residuals(model, sample: torch.Tensor, timestep, context: torch.T
         down = [d.mean(dim=(2, 3), keepdim=True) for d in down]
         mid = mid.mean(dim=(2, 3), keepdim=True)
     return down, mid
+
+
+# ITU-R 601 luma, as PIL's convert("L") that diffusers' adapter pipelines use for one-channel adapters.
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def adapter_features(model, hint: torch.Tensor) -> list[torch.Tensor]:
+    """A T2I-Adapter's feature maps for `hint` (N, 3, H, W) in [0, 1]; independent of the timestep and the
+    prompt, so computed once per job. One-channel adapters (sketch, canny) get the hint's luma."""
+    hint = hint.to(device=model.device, dtype=model.dtype)
+    if model.config.in_channels == 1 and hint.shape[1] == 3:
+        weights = torch.tensor(_LUMA, device=hint.device, dtype=hint.dtype).view(1, 3, 1, 1)
+        hint = (hint * weights).sum(dim=1, keepdim=True)
+    return list(model(hint))

@@ -35,10 +35,21 @@ class PreparedUnit:
     _hints: dict = dataclasses.field(default_factory=dict, repr=False)
     _embeddings: dict = dataclasses.field(default_factory=dict, repr=False)
     _masks: dict = dataclasses.field(default_factory=dict, repr=False)
+    _kind: Any = dataclasses.field(default=None, repr=False)
+
+    @property
+    def kind(self):
+        """The model's kind (models/kinds): says which host hook point the unit's output goes to."""
+        if self._kind is None:
+            from lib_controlnet.models.kinds import kind_of_model
+
+            self._kind = kind_of_model(self.model)
+        return self._kind
 
     @property
     def n_residuals(self) -> int:
-        return len(self.model.controlnet_down_blocks) + 1
+        """How many tensors the unit gives per call: residuals (ControlNet) or encoder features (adapter)."""
+        return self.kind.n_outputs(self.model)
 
     def scales(self) -> list[float]:
         n, weight = self.n_residuals, self.unit.weight

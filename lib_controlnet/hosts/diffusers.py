@@ -2,7 +2,9 @@
 
 One forward pre-hook (with kwargs) per job: it asks the Controller for the step's residuals and passes them as
 `down_block_additional_residuals` / `mid_block_additional_residual`, the UNet's own ControlNet inputs, added
-to any residuals the caller passed already. `forward` is never replaced, so other wrappers keep working.
+to any residuals the caller passed already; T2I-Adapter features go in as `down_intrablock_additional_residuals`,
+the UNet's own adapter input (it adds them where diffusers' adapter pipelines do). `forward` is never replaced,
+so other wrappers keep working.
 """
 from __future__ import annotations
 
@@ -34,12 +36,20 @@ def _pre_hook(controller: Controller):
         residuals = controller.residuals(call)
         if residuals is None:
             return None
-        down, mid = residuals.down, residuals.mid
-        if kwargs.get("down_block_additional_residuals") is not None:
-            down = [ours + theirs for ours, theirs in zip(down, kwargs["down_block_additional_residuals"])]
-        if kwargs.get("mid_block_additional_residual") is not None:
-            mid = mid + kwargs["mid_block_additional_residual"]
-        kwargs = dict(kwargs, down_block_additional_residuals=tuple(down), mid_block_additional_residual=mid)
+        kwargs = dict(kwargs)
+        if residuals.down is not None:
+            down, mid = residuals.down, residuals.mid
+            if kwargs.get("down_block_additional_residuals") is not None:
+                down = [ours + theirs for ours, theirs in zip(down, kwargs["down_block_additional_residuals"])]
+            if kwargs.get("mid_block_additional_residual") is not None:
+                mid = mid + kwargs["mid_block_additional_residual"]
+            kwargs.update(down_block_additional_residuals=tuple(down), mid_block_additional_residual=mid)
+        if residuals.encoder is not None:
+            features = list(residuals.encoder)  # the UNet pops from this list
+            if kwargs.get("down_intrablock_additional_residuals") is not None:
+                theirs = kwargs["down_intrablock_additional_residuals"]
+                features = [ours + other for ours, other in zip(features, theirs)]
+            kwargs["down_intrablock_additional_residuals"] = features
         return args, kwargs
 
     return hook
@@ -49,8 +59,10 @@ def _pre_hook(controller: Controller):
 def hooked(unet, controller: Controller) -> Iterator[Controller]:
     """Control `unet` with `controller` inside the block; the hook is gone afterwards, whatever happened."""
     expected = 1 + sum(len(b.resnets) + (1 if b.downsamplers else 0) for b in unet.down_blocks)  # conv_in + blocks
+    from lib_controlnet.models.kinds import RESIDUALS
+
     for prepared in controller.units:
-        if prepared.n_residuals - 1 != expected:
+        if prepared.kind.control == RESIDUALS and prepared.n_residuals - 1 != expected:
             from lib_controlnet.control import ControlError
 
             raise ControlError(

@@ -5,7 +5,12 @@ Module hooks only, never a replaced `forward`, so other extensions that wrap the
 - a forward pre-hook on each `output_blocks[j]` adds residual k to the skip half of its input. The decoder
   feeds `cat([h, hs.pop()])` to output block j, and the popped skip is input block k = n-1-j's output; adding
   there, and not to input block k's own output, keeps the encoder's path untouched, as ControlNet defines;
-- a forward hook on `middle_block` adds the last residual to its output.
+- a forward hook on `middle_block` adds the last residual to its output;
+- a forward hook on each `input_blocks[k]` adds T2I-Adapter features to its output (so both the next block and
+  the skip see them, as TencentARC's adapter does): feature i goes to the last block of the first run of
+  blocks, after feature i-1's block, whose output has the feature's channels and resolution. That is where
+  diffusers' UNet adds `down_intrablock_additional_residuals` (SD1.5: blocks 2, 5, 8, 11; SDXL: 3, 5, 8, and
+  the 4th onto the middle block's output).
 All hooks go away when the `hooked` block ends: after success, an exception, or the user's Interrupt.
 
 How the WebUI layer drives it, per job:
@@ -21,27 +26,72 @@ num_classes="sequential" Sequential(Sequential(Linear, SiLU, Linear)) and feed i
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator, Optional
 
 import torch
 
 from lib_controlnet.control import ControlError, Controller, Residuals, UNetCall
+from lib_controlnet.models.kinds import RESIDUALS
 
 
 class _State:
     residuals: Optional[Residuals] = None
+    encoder: dict = {}  # input block index -> feature to add to its output, for the current call
 
 
-def _unet_pre_hook(controller: Controller, state: _State):
+def block_levels(unet) -> list[tuple[int, int]]:
+    """(output channels, times downsampled) of each input block, read from its layers: a layer with `op` is a
+    Downsample, and convolutions, ResBlocks and Downsamples carry `out_channels` (transformers keep them)."""
+    levels, channels, level = [], None, 0
+    for block in unet.input_blocks:
+        for layer in block:
+            if hasattr(layer, "op"):
+                level += 1
+            channels = getattr(layer, "out_channels", channels)
+        levels.append((channels, level))
+    return levels
+
+
+MIDDLE = "middle"
+
+
+def encoder_targets(levels: list[tuple[int, int]], features: list[torch.Tensor], latent_height: int) -> dict:
+    """{input block index, or MIDDLE: feature} for adapter features in the UNet's order. A feature left over
+    when the encoder has no further block of its shape goes onto the middle block's output (SDXL's 4th)."""
+    targets: dict = {}
+    start = 0
+    for i, feature in enumerate(features):
+        wanted = (feature.shape[1], round(math.log2(latent_height / feature.shape[-2])))
+        first = next((k for k in range(start, len(levels)) if levels[k] == wanted), None)
+        if first is None and i == len(features) - 1 and levels[-1] == wanted and MIDDLE not in targets:
+            targets[MIDDLE] = feature
+            continue
+        if first is None:
+            raise ControlError(f"A T2I-Adapter feature with {wanted[0]} channels at 1/{2 ** wanted[1]} of the latent "
+                               "size fits no block of this UNet: the adapter was made for another base model.")
+        last = first
+        while last + 1 < len(levels) and levels[last + 1] == wanted:
+            last += 1
+        targets[last] = feature
+        start = last + 1
+    return targets
+
+
+def _unet_pre_hook(controller: Controller, state: _State, levels: list):
     def hook(module, args, kwargs):
         def arg(name, index):
             if name in kwargs:
                 return kwargs[name]
             return args[index] if len(args) > index else None
 
-        state.residuals = None  # never let a failed call's residuals leak into the next one
-        state.residuals = controller.residuals(UNetCall(
-            sample=arg("x", 0), timestep=arg("timesteps", 1), context=arg("context", 2), y=arg("y", 3)))
+        state.residuals, state.encoder = None, {}  # never let a failed call's control leak into the next one
+        sample = arg("x", 0)
+        residuals = controller.residuals(UNetCall(
+            sample=sample, timestep=arg("timesteps", 1), context=arg("context", 2), y=arg("y", 3)))
+        if residuals is not None and residuals.encoder is not None:
+            state.encoder = encoder_targets(levels, residuals.encoder, sample.shape[-2])
+        state.residuals = residuals if residuals is not None and residuals.down is not None else None
         return None
 
     return hook
@@ -49,7 +99,7 @@ def _unet_pre_hook(controller: Controller, state: _State):
 
 def _unet_post_hook(state: _State):
     def hook(module, args, kwargs, output):
-        state.residuals = None
+        state.residuals, state.encoder = None, {}
         return None
 
     return hook
@@ -72,11 +122,24 @@ def _skip_hook(state: _State, index: int):
     return hook
 
 
+def _encoder_hook(state: _State, index: int):
+    def hook(module, args, output):
+        feature = state.encoder.get(index)
+        if feature is None:
+            return None
+        return output + feature.to(output.dtype)
+
+    return hook
+
+
 def _middle_hook(state: _State):
     def hook(module, args, output):
-        if state.residuals is None:
-            return None
-        return output + state.residuals.mid.to(output.dtype)
+        if state.residuals is not None:
+            output = output + state.residuals.mid.to(output.dtype)
+        feature = state.encoder.get(MIDDLE)
+        if feature is not None:
+            output = output + feature.to(output.dtype)
+        return output
 
     return hook
 
@@ -93,7 +156,7 @@ class Installed:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._state.residuals = None
+        self._state.residuals, self._state.encoder = None, {}
         _installed.pop(id(self.unet), None)
         self.controller.close()
 
@@ -110,19 +173,23 @@ def install(unet, controller: Controller) -> Installed:
     if len(unet.output_blocks) != n_inputs:
         raise ControlError("This UNet's decoder does not mirror its encoder; ControlNet cannot be applied.")
     for prepared in controller.units:
-        if prepared.n_residuals != n_inputs + 1:
+        if prepared.kind.control == RESIDUALS and prepared.n_residuals != n_inputs + 1:
             raise ControlError(
                 f"ControlNet '{prepared.unit.model}' gives {prepared.n_residuals} residuals but this UNet takes "
                 f"{n_inputs + 1}: it was made for another base model (SD1.5 / SD2 / SDXL).")
     state = _State()
+    state.encoder = {}
+    levels = block_levels(unet)
     handles = []
     installed = Installed(unet, controller, handles, state)
     try:
-        handles.append(unet.register_forward_pre_hook(_unet_pre_hook(controller, state), with_kwargs=True))
+        handles.append(unet.register_forward_pre_hook(_unet_pre_hook(controller, state, levels), with_kwargs=True))
         handles.append(unet.register_forward_hook(_unet_post_hook(state), with_kwargs=True))
         for j, block in enumerate(unet.output_blocks):
             handles.append(block.register_forward_pre_hook(_skip_hook(state, n_inputs - 1 - j)))
         handles.append(unet.middle_block.register_forward_hook(_middle_hook(state)))
+        for k, block in enumerate(unet.input_blocks):
+            handles.append(block.register_forward_hook(_encoder_hook(state, k)))
     except BaseException:
         installed.remove()
         raise

@@ -1,11 +1,13 @@
-"""Loaded ControlNets kept in memory, least recently used dropped first; size from settings.model_cache_size."""
+"""Loaded control models (every kind) kept in memory, least recently used dropped first; size from
+settings.model_cache_size."""
 from __future__ import annotations
 
 import collections
 import threading
 from pathlib import Path
 
-from lib_controlnet.models.controlnet_loader import load_controlnet, parse_dtype
+from lib_controlnet.models.controlnet_loader import parse_dtype
+from lib_controlnet.models.kinds import load_control_model
 from lib_controlnet.models.registry import get_registry
 from lib_controlnet.settings import get_settings
 
@@ -28,7 +30,7 @@ class ControlNetCache:
             if key in self._models:
                 self._models.move_to_end(key)
                 return self._models[key]
-            model = load_controlnet(path, dtype=dtype, device=device)
+            model = load_control_model(path, dtype=dtype, device=device)
             size = max(0, int(get_settings().model_cache_size))
             if size:
                 self._models[key] = model
@@ -60,5 +62,6 @@ def resolve(name_or_path) -> Path:
 
 
 def get_controlnet(name_or_path, dtype=None, device="cpu"):
-    """The ControlNetModel for a registry name or a path, loaded once and then served from the LRU cache."""
+    """The control model (ControlNetModel, T2IAdapter, ...) for a registry name or a path, loaded once and then
+    served from the LRU cache."""
     return _cache.get(resolve(name_or_path), dtype=dtype, device=device)

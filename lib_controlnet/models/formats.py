@@ -1,7 +1,7 @@
 """What a file or folder is: its layout (format), the base model it belongs to, its dtype and size.
 
 Decided from key names and shapes only (the safetensors header, or a memory-mapped pickle), never by
-running anything. Known types we cannot use (T2I-Adapter, ControlLoRA, IP-Adapter, ...) are named.
+running anything. Files of other control-model kinds (models/kinds: T2I-Adapter, Control-LoRA, ...) are named.
 """
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import collections
 import dataclasses
 import json
 import math
-import re
 from pathlib import Path
 
 import torch
@@ -53,25 +52,13 @@ class ModelInfo:
                 "parameters": self.n_params}
 
 
-def _unsupported_type(keys: list[str], nested: tuple[str, ...]) -> str | None:
-    """Name of a known non-ControlNet model type these keys belong to, if any."""
-    if {"image_proj", "ip_adapter"} & set(nested) or any(k.startswith(("image_proj.", "ip_adapter.")) for k in keys):
-        return "an IP-Adapter"
-    if "lora_controlnet" in keys or any(re.search(r"\.(up|down)(\.weight)?$", k) for k in keys):
-        return "a ControlLoRA (Control-LoRA)"
-    if any(k.startswith(("adapter.body.", "body.", "adapter.conv_in.")) for k in keys):
-        return "a T2I-Adapter"
-    if any("lllite" in k for k in keys):
-        return "a ControlNet-LLLite"
-    return None
-
-
 def classify_keys(keys: list[str], nested: tuple[str, ...] = (), name: str = "This file") -> str:
     """The format of a weights file, or a ModelFileError saying what it is instead."""
-    unsupported = _unsupported_type(keys, nested)
-    if unsupported:
-        raise ModelFileError(f"{name} is {unsupported} model, which this extension does not support; "
-                             "it needs a ControlNet.")
+    from lib_controlnet.models.kinds import FileKeys, other_kind_of_keys  # kinds import this module
+
+    other = other_kind_of_keys(FileKeys(Path(name), {k: () for k in keys}, nested))
+    if other is not None:
+        raise ModelFileError(f"{name} is a {other.name} model, not a plain ControlNet; this needs a ControlNet.")
     has_control = any(k.startswith(LDM_CONTROL_PREFIX) for k in keys)
     has_unet = any(k.startswith(LDM_UNET_PREFIX) for k in keys)
     if has_control:

@@ -1,0 +1,53 @@
+"""The registry of control-model kinds: plain ControlNet, T2I-Adapter, and the kinds recognised but not run yet.
+
+Each kind is one module holding one `Kind`: how to recognise its files by their keys (never by file name), how
+to load them, and how it controls the UNet (`control`):
+- RESIDUALS: residuals onto the decoder's skip connections and the middle block (ControlNet);
+- ENCODER_FEATURES: features added to the outputs of the encoder's input blocks (T2I-Adapter);
+- ATTENTION: modules on attention (LLLite, IP-Adapter; not run yet).
+The controller asks a loaded model's kind (`kind_of_model`) and drives it through the host hook point it names.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from lib_controlnet.models.errors import ModelFileError
+from lib_controlnet.models.kinds.base import ATTENTION, ENCODER_FEATURES, RESIDUALS, FileKeys, Kind, file_keys
+from lib_controlnet.models.kinds.controlnet import CONTROLNET
+from lib_controlnet.models.kinds.pending import CONTROL_LORA, IP_ADAPTER, LLLITE, UNION
+from lib_controlnet.models.kinds.t2i_adapter import T2I_ADAPTER
+
+# Most specific first: a union file also holds ControlNet keys, a Control-LoRA file ControlNet-like ones.
+KINDS: tuple[Kind, ...] = (UNION, CONTROL_LORA, IP_ADAPTER, LLLITE, T2I_ADAPTER, CONTROLNET)
+
+__all__ = ["KINDS", "Kind", "RESIDUALS", "ENCODER_FEATURES", "ATTENTION", "FileKeys", "file_keys", "kind_of_keys",
+           "kind_of_file", "kind_of_model", "load_control_model", "other_kind_of_keys"]
+
+
+def kind_of_keys(keys: FileKeys) -> Kind:
+    """The kind whose files hold these keys; plain ControlNet (which words its own errors) when none claims them."""
+    return next((kind for kind in KINDS if kind.recognises(keys)), CONTROLNET)
+
+
+def other_kind_of_keys(keys: FileKeys) -> Kind | None:
+    """The non-ControlNet kind these keys belong to, if any (for ControlNet-only tools such as export)."""
+    kind = kind_of_keys(keys)
+    return None if kind is CONTROLNET else kind
+
+
+def kind_of_file(path) -> Kind:
+    return kind_of_keys(file_keys(Path(path)))
+
+
+def kind_of_model(model) -> Kind:
+    for kind in KINDS:
+        if kind.owns(model):
+            return kind
+    raise ModelFileError(f"{type(model).__name__} is not a control model this extension can run.")
+
+
+def load_control_model(path, dtype=None, device="cpu"):
+    """Any supported control model file or folder, loaded by its kind; a one-sentence ModelFileError otherwise."""
+    path = Path(path)
+    keys = file_keys(path)
+    return kind_of_keys(keys).load(path, keys, dtype=dtype, device=device)

@@ -1,0 +1,72 @@
+"""What every control-model kind says about itself, and the keys of a file as kinds look at them."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from lib_controlnet.models.errors import ModelFileError
+from lib_controlnet.models.loading import read_header, weights_file_of
+
+RESIDUALS = "residuals onto the decoder's skips and middle block"
+ENCODER_FEATURES = "features added to the encoder"
+ATTENTION = "modules on attention"
+
+
+@dataclasses.dataclass
+class FileKeys:
+    """Names and shapes of a file's tensors (no tensor data), the groups of a nested pickle, a folder's config."""
+
+    path: Path
+    shapes: dict[str, tuple[int, ...]]
+    nested: tuple[str, ...] = ()
+    folder_config: dict | None = None   # a diffusers folder's config.json
+    weights_path: Path | None = None
+
+    def has(self, key: str) -> bool:
+        return key in self.shapes
+
+    def any_startswith(self, *prefixes: str) -> bool:
+        return any(k.startswith(prefixes) for k in self.shapes)
+
+    def any_contains(self, part: str) -> bool:
+        return any(part in k for k in self.shapes)
+
+
+def file_keys(path: Path) -> FileKeys:
+    path = Path(path)
+    if path.is_dir():
+        weights = weights_file_of(path)
+        try:
+            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            raise ModelFileError(f"The config.json of folder {path.name} is not valid JSON.") from None
+        header = read_header(weights)
+        return FileKeys(path, header.shapes, header.nested, config if isinstance(config, dict) else {}, weights)
+    header = read_header(path)
+    return FileKeys(path, header.shapes, header.nested, None, path)
+
+
+class Kind:
+    """One kind of control model. Subclasses fill in the three answers."""
+
+    name: str = "control model"        # as users call it: "ControlNet", "T2I-Adapter", ...
+    control: str = RESIDUALS           # the host hook point it uses
+    runs: bool = True                  # False: recognised and named, but this version cannot run it yet
+
+    def recognises(self, keys: FileKeys) -> bool:
+        raise NotImplementedError
+
+    def load(self, path: Path, keys: FileKeys, dtype=None, device="cpu"):
+        raise NotImplementedError
+
+    def n_outputs(self, model) -> int:
+        """How many tensors a loaded model gives per call (residuals, or encoder features)."""
+        raise NotImplementedError
+
+    def owns(self, model) -> bool:
+        """Whether a loaded model object is of this kind."""
+        return False
+
+    def __repr__(self) -> str:
+        return f"<kind {self.name}>"
