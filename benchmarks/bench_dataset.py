@@ -22,11 +22,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# tests/ itself, not the `tests` package: some packages (autofaiss) install a top-level `tests` that would win
+sys.path.insert(1, str(ROOT / "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import lib_controlnet  # noqa: E402,F401  (torchvision repair first)
-from tests.servers import serve  # noqa: E402
+from servers import serve  # noqa: E402
 
 PEER = r"""
 import json, sys

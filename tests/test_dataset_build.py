@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import serve
-from tests.servers.tiny_blip import save_tiny_blip
+from servers import serve
+from servers.tiny_blip import save_tiny_blip
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = [f"/good/{i}.{'png' if i % 3 == 0 else 'jpg'}" for i in range(8)]

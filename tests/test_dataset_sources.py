@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.servers import serve
+from servers import serve
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +253,7 @@ def test_cli_errors_are_one_line(tmp_path):
     import subprocess
     import sys
 
-    from tests.servers.image_host import png_bomb
+    from servers.image_host import png_bomb
 
     images = make_images(tmp_path / "images", 1)
     (images / "bomb.png").write_bytes(png_bomb(3000))
