@@ -181,3 +181,12 @@ def test_every_error_has_the_webuis_error_body(webui_url, path, payload, field):
     assert set(body) == ERROR_KEYS, body
     assert body["error"] == "HTTPException" and body["body"] == "" and body["errors"] == ""
     assert isinstance(body["detail"], str) and body["detail"].startswith(field + ":"), body
+
+
+def test_scribble_and_tile_types_find_their_files_by_either_spelling():
+    """Renaming "Scribble/Sketch" and "Tile/Blur" to their names must not lose sketch and blur model files."""
+    from lib_controlnet.ui.catalog import _model_matches
+
+    assert _model_matches("Scribble", "control_v11p_sd15_scribble") and _model_matches("Scribble", "t2i_sketch_xl")
+    assert _model_matches("Tile", "control_v11f1e_sd15_tile") and _model_matches("Tile", "kohya_blur_xl")
+    assert not _model_matches("Tile", "control_v11p_sd15_canny")

@@ -71,7 +71,9 @@ def _model_matches(type_name: str, model: str) -> bool:
     # Model file names carry their type ("control_v11p_sd15_canny", "t2iadapter_depth", "...tile..."), as
     # users and the other WebUI extension rely on; a few types are spelled differently in file names.
     spellings = {"softedge": ("softedge", "hed", "pidi"), "segmentation": ("seg",), "normalmap": ("normal",),
-                 "openpose": ("openpose", "pose"), "instructp2p": ("ip2p",), "t2i-adapter": ("t2i",)}
+                 "openpose": ("openpose", "pose"), "instructp2p": ("ip2p",), "t2i-adapter": ("t2i",),
+                 # the types are named "Scribble" and "Tile" as the API answers; their files say sketch / blur too
+                 "scribble": ("scribble", "sketch"), "tile": ("tile", "blur")}
     key = type_name.lower().replace(" ", "")
     words = spellings.get(key) or tuple(key.split("/"))  # "Tile/Blur": either word
     lowered = model.lower()
