@@ -26,7 +26,14 @@ _PAF_CHANNELS = [(31, 32), (39, 40), (33, 34), (35, 36), (41, 42), (43, 44), (19
 def _resize(x: np.ndarray, width: int, height: int) -> np.ndarray:
     """controlnet-aux's rule: area when shrinking, Lanczos when growing (all channels in one call)."""
     shrinking = (height + width) / float(x.shape[0] + x.shape[1]) < 1
-    return cv2.resize(x, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LANCZOS4)
+    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LANCZOS4
+    if x.ndim == 3 and x.shape[2] > 4 and shrinking:
+        # OpenCV's area shrink by a non-integer factor takes at most 4 channels (small images hit it); it works
+        # channel by channel, so 4 at a time gives the same maps.
+        parts = [cv2.resize(np.ascontiguousarray(x[:, :, i:i + 4]), (width, height), interpolation=interpolation)
+                 for i in range(0, x.shape[2], 4)]
+        return np.concatenate([p if p.ndim == 3 else p[:, :, None] for p in parts], axis=2)
+    return cv2.resize(x, (width, height), interpolation=interpolation)
 
 
 class FastBody:

@@ -71,3 +71,17 @@ def test_fast_body_with_nobody_in_the_picture():
     candidate, subset = FastBody(_aux_body(model))(image)
     theirs = _aux_body(model)(image)
     assert candidate.shape == theirs[0].shape and subset.shape == theirs[1].shape == (0, 20)
+
+
+def test_maps_of_small_images_shrink_channel_by_channel():
+    """Small photos shrink the 19/38-channel maps by a non-integer factor, where OpenCV's area resize takes at most
+    4 channels: the maps come out as each channel resized alone."""
+    import cv2
+    import numpy as np
+
+    from annotators.openpose_body import _resize
+
+    maps = np.random.default_rng(0).random((40, 40, 19), dtype=np.float32)
+    out = _resize(maps, 30, 23)
+    alone = np.stack([cv2.resize(maps[:, :, i], (30, 23), interpolation=cv2.INTER_AREA) for i in range(19)], axis=2)
+    assert out.shape == (23, 30, 19) and np.array_equal(out, alone)
