@@ -72,9 +72,9 @@ def make_inputs(resolution: int, batch: int, steps: int):
             "conditioning_pixel_values": torch.stack([to_hint(hint) for _, hint in pairs]),
             "text": [f"a bright square, sample {step * batch + i}" for i in range(batch)],  # all captions distinct
             "index": torch.arange(step * batch, (step + 1) * batch),
-            # what an SDXL step may need besides: the (original size, crop corner) of each sample
-            "original_size": torch.tensor([[resolution, resolution]] * batch),
-            "crop_top_left": torch.tensor([[0, 0]] * batch),
+            # SDXL micro-conditioning as the trainer's loader gives it: original size, crop top-left, target size
+            "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch,
+                                     dtype=torch.float32),
         })
     return batches
 
@@ -149,6 +149,8 @@ def reference_sdxl_steps(parts: dict, controlnet, batches, device, accelerator, 
     optimizer = optimizer or adamw(controlnet.parameters())
     with torch.no_grad():
         for batch in batches:
+            if "prompt_ids" in batch:  # computed by an earlier variant, before the encoders were freed
+                continue
             hidden, pooled = [], None
             for tokenizer, encoder in zip(parts["tokenizers"], parts["text_encoders"]):
                 ids = tokenizer(batch["text"], max_length=tokenizer.model_max_length, padding="max_length",
@@ -192,7 +194,7 @@ def our_steps(base, controlnet, batches, device, cached: bool, resolution: int, 
 
     from lib_controlnet.train.cache import TrainCache
     from lib_controlnet.train.config import TrainConfig
-    from lib_controlnet.train.step import TrainingStep, encode_prompts
+    from lib_controlnet.train.step import TrainingStep, encode_text
 
     weight_dtype = weight_dtype or torch.float32
     if accelerator is None:
@@ -207,11 +209,15 @@ def our_steps(base, controlnet, batches, device, cached: bool, resolution: int, 
         with torch.no_grad():
             for batch in batches:
                 params_ = base.vae.encode(batch["pixel_values"].to(device, weight_dtype)).latent_dist.parameters
-                for index, value in zip(batch["index"].tolist(), params_.to("cpu", torch.float16)):
-                    cache._latents[index] = value
-                for text, embedding in zip(batch["text"], encode_prompts(base, batch["text"], device)):
-                    cache._text[text] = embedding.to("cpu", torch.float16)
-        base.text_encoder.to("cpu")
+                for index, value, ids in zip(batch["index"].tolist(), params_.to("cpu", torch.float16),
+                                             batch["time_ids"]):
+                    cache._latents[index], cache._time_ids[index] = value, ids
+                hidden, pooled = encode_text(base, batch["text"], device)
+                for row, text in enumerate(batch["text"]):
+                    cache._text[text] = hidden[row].to("cpu", torch.float16)
+                    if pooled is not None:
+                        cache._pooled[text] = pooled[row].to("cpu", torch.float16)
+        base.text_encoders_to("cpu")
     TrainConfig(resolution=resolution).validate()
     step = TrainingStep(base, controlnet, base.unet, device, weight_dtype, torch.Generator().manual_seed(0), cache,
                         accelerator, optimizer, params, max_grad_norm=1.0)

@@ -20,7 +20,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -28,73 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-# ---------------------------------------------------------------------------------------------- measuring
-class PeakMemory:
-    """Peak resident memory above a baseline, sampled in a thread (CPU), or CUDA's own counter."""
-
-    def __init__(self, device):
-        self.device, self.peak, self.baseline, self._stop = device, 0, 0, threading.Event()
-
-    @staticmethod
-    def rss() -> int:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __enter__(self):
-        import torch
-
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.baseline = torch.cuda.memory_allocated()
-            return self
-        self.baseline = self.peak = self.rss()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.rss())
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        import torch
-
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated()
-        else:
-            self._stop.set()
-            self._thread.join()
-
-    @property
-    def added_mb(self) -> float:
-        return (self.peak - self.baseline) / 2**20
-
-
-# ---------------------------------------------------------------------------------------------- inputs
-def make_inputs(resolution: int, batch: int, steps: int):
-    import numpy as np
-    import torch
-
-    from lib_controlnet.train.data import to_hint, to_target
-    from lib_controlnet.train.synthetic import square_pair
-
-    rng = np.random.default_rng(0)
-    batches = []
-    for step in range(steps):
-        pairs = [square_pair(rng, resolution) for _ in range(batch)]
-        batches.append({
-            "pixel_values": torch.stack([to_target(image) for image, _ in pairs]),
-            "conditioning_pixel_values": torch.stack([to_hint(hint) for _, hint in pairs]),
-            "text": [f"a bright square, sample {step * batch + i}" for i in range(batch)],  # all captions distinct
-            "index": torch.arange(step * batch, (step + 1) * batch),
-            # SDXL micro-conditioning: original size, crop top-left, target size
-            "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch,
-                                     dtype=torch.float32),
-        })
-    return batches
+from benchmarks._train_steps import PeakMemory, make_inputs, our_steps  # noqa: E402
 
 
 def load_models(base_dir: Path, device):
@@ -182,37 +115,6 @@ def _reference_sdxl_step(base, controlnet, batches, device, optimizer):
 
     return step
 
-
-def our_steps(base, controlnet, batches, device, cached: bool, resolution: int):
-    import torch
-    from accelerate import Accelerator
-
-    from lib_controlnet.train.cache import TrainCache
-    from lib_controlnet.train.config import TrainConfig
-    from lib_controlnet.train.step import TrainingStep, encode_text
-
-    accelerator = Accelerator(cpu=device.type == "cpu")
-    params = list(controlnet.parameters())
-    optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
-    controlnet, optimizer = accelerator.prepare(controlnet, optimizer)
-    cache = TrainCache()
-    if cached:  # filled the way TrainCache.build does, from the same tensors the reference gets
-        with torch.no_grad():
-            for batch in batches:
-                params_ = base.vae.encode(batch["pixel_values"].to(device)).latent_dist.parameters
-                for index, value, ids in zip(batch["index"].tolist(), params_.to("cpu", torch.float16),
-                                             batch["time_ids"]):
-                    cache._latents[index], cache._time_ids[index] = value, ids
-                hidden, pooled = encode_text(base, batch["text"], device)
-                for row, text in enumerate(batch["text"]):
-                    cache._text[text] = hidden[row].to("cpu", torch.float16)
-                    if pooled is not None:
-                        cache._pooled[text] = pooled[row].to("cpu", torch.float16)
-        base.text_encoders_to("cpu")
-    TrainConfig(resolution=resolution).validate()
-    step = TrainingStep(base, controlnet, base.unet, device, torch.float32, torch.Generator().manual_seed(0), cache,
-                        accelerator, optimizer, params, max_grad_norm=1.0)
-    return step.train_micro_batch
 
 
 def worker(args) -> None:
