@@ -77,3 +77,34 @@ def test_time_ids_follow_each_samples_crop(trained, tmp_path):
     image = Image.new("RGB", (200, 100))
     _, _, ids = crop_pair_with_time_ids(image, image, (64, 64), "center", False, sample_rng(0, 0, 0))
     assert ids.tolist() == [100, 200, 0, 32, 64, 64]  # resized to 128x64, centre crop starts 32 px from the left
+
+
+@pytest.mark.parametrize("size, detected", [("mid", "sdxl_mid"), ("small", "sdxl_small")])
+def test_mid_and_small_controlnets_start_from_the_unet_and_export_as_released(trained, size, detected):
+    """A new ControlNet at the released SDXL mid/small shapes: every tensor it has is the full copy's (so it starts
+    as the UNet's encoder), and its export is recognised as that size."""
+    from diffusers import ControlNetModel
+
+    from lib_controlnet.models import inspect_model, load_controlnet, save_controlnet_ldm
+    from lib_controlnet.train.controlnet_size import controlnet_from_unet
+
+    unet = trained["base"].unet
+    torch.manual_seed(0)  # from_unet draws the hint embedding at random: the same draw on both sides
+    full = ControlNetModel.from_unet(unet).state_dict()
+    torch.manual_seed(0)
+    model = controlnet_from_unet(unet, size)
+    own = model.state_dict()
+    assert len(own) < len(full) and all(torch.equal(own[k], full[k]) for k in own)
+    if size == "small":
+        assert set(model.config.down_block_types) == {"DownBlock2D"}
+    path = save_controlnet_ldm(model, trained["root"] / f"{size}.safetensors", dtype="fp32")
+    assert inspect_model(path).base == detected
+    reloaded = load_controlnet(path, dtype=torch.float32).state_dict()
+    assert all(torch.equal(reloaded[k], own[k]) for k in own)
+
+
+def test_an_unknown_controlnet_size_is_refused():
+    from lib_controlnet.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="controlnet_size must be one of full, mid, small"):
+        TrainConfig(controlnet_size="huge").validate()

@@ -12,6 +12,7 @@ import typing
 from pathlib import Path
 
 from lib_controlnet.errors import UserError
+from lib_controlnet.train.controlnet_size import SIZES as CONTROLNET_SIZES
 
 
 class ConfigError(UserError):
@@ -54,6 +55,9 @@ class TrainConfig:
     base_config: str = _setting("", "diffusers-style config folder for a single-file base (offline); empty: look it up")
     controlnet: str = _setting(
         "", "ControlNet (file or diffusers folder) to fine-tune; empty: start from a copy of the UNet encoder")
+    controlnet_size: str = _setting(
+        "full", "size of a new ControlNet: full (a copy of the UNet's encoder), or mid / small as the released SDXL "
+        "ones (fewer transformer layers); ignored when fine-tuning")
     prediction_type: str = _setting(
         "auto", "what the base model predicts: " + ", ".join(PREDICTION_TYPES) + "; auto reads it from the model")
     # --- optimisation
@@ -149,7 +153,8 @@ class TrainConfig:
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
         choices = dict(dataset_format=DATASET_FORMATS, crop=CROPS, mixed_precision=PRECISIONS,
-                       prediction_type=PREDICTION_TYPES, lr_scheduler=SCHEDULERS, export_dtype=("fp16", "fp32"))
+                       prediction_type=PREDICTION_TYPES, lr_scheduler=SCHEDULERS, export_dtype=("fp16", "fp32"),
+                       controlnet_size=CONTROLNET_SIZES)
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}.")

@@ -113,7 +113,7 @@ class Trainer:
                                weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
 
     def _controlnet(self, unet):
-        from diffusers import ControlNetModel
+        from lib_controlnet.train.controlnet_size import controlnet_from_unet
 
         if self.config.controlnet:
             from lib_controlnet.models import load_controlnet
@@ -123,7 +123,7 @@ class Trainer:
                 raise ConfigError(f"ControlNet to fine-tune {self.config.controlnet} does not exist.")
             model = load_controlnet(path, dtype=torch.float32)
         else:
-            model = ControlNetModel.from_unet(unet)
+            model = controlnet_from_unet(unet, self.config.controlnet_size)
         model.requires_grad_(True)
         return model
 
