@@ -49,6 +49,23 @@ def _fit_projection_shapes(model: torch.nn.Module, state_dict: dict) -> None:
             state_dict[key] = tensor.reshape(want)
 
 
+def assign_weights(model: torch.nn.Module, state_dict: dict, name: str, architecture: str) -> torch.nn.Module:
+    """Put `state_dict` into `model` (built on the meta device) as it is, after checking that every tensor fits:
+    a file that does not is named with the first keys that are missing, extra or of the wrong shape."""
+    expected = model.state_dict(keep_vars=True)
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong = [k for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        details = "; ".join(part for part in (
+            f"missing {', '.join(missing[:3])}" if missing else "",
+            f"unexpected {', '.join(unexpected[:3])}" if unexpected else "",
+            f"wrong shape {', '.join(wrong[:3])}" if wrong else "") if part)
+        raise ModelFileError(f"{name} does not fit the {architecture} architecture it looks like ({details}).")
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
 def build_controlnet(config: dict, state_dict: dict, name: str = "The model"):
     """A ControlNetModel with exactly these weights (no random initialisation, no copy of the tensors)."""
     from accelerate import init_empty_weights
@@ -60,18 +77,7 @@ def build_controlnet(config: dict, state_dict: dict, name: str = "The model"):
     except (TypeError, ValueError, KeyError) as error:
         raise ModelFileError(f"{name} has a ControlNet config this version of diffusers cannot build: {error}.") from None
     _fit_projection_shapes(model, state_dict)
-    expected = model.state_dict(keep_vars=True)
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    wrong = [k for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or wrong:
-        details = "; ".join(part for part in (
-            f"missing {', '.join(missing[:3])}" if missing else "",
-            f"unexpected {', '.join(unexpected[:3])}" if unexpected else "",
-            f"wrong shape {', '.join(wrong[:3])}" if wrong else "") if part)
-        raise ModelFileError(f"{name} does not fit the ControlNet architecture it looks like ({details}).")
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+    return assign_weights(model, state_dict, name, "ControlNet")
 
 
 def load_controlnet(path, dtype=None, device="cpu", info: ModelInfo | None = None):

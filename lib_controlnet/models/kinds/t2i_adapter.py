@@ -126,18 +126,9 @@ def build_adapter(config: dict, state_dict: dict, name: str):
     except (TypeError, ValueError) as error:
         raise ModelFileError(f"{name} has a T2I-Adapter config this version of diffusers cannot build: "
                              f"{error}.") from None
-    expected = model.state_dict(keep_vars=True)
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    wrong = [k for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or wrong:
-        details = "; ".join(part for part in (
-            f"missing {', '.join(missing[:3])}" if missing else "",
-            f"unexpected {', '.join(unexpected[:3])}" if unexpected else "",
-            f"wrong shape {', '.join(wrong[:3])}" if wrong else "") if part)
-        raise ModelFileError(f"{name} does not fit the T2I-Adapter architecture it looks like ({details}).")
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+    from lib_controlnet.models.controlnet_loader import assign_weights
+
+    return assign_weights(model, state_dict, name, "T2I-Adapter")
 
 
 class T2IAdapterKind(Kind):
