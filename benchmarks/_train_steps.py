@@ -139,7 +139,7 @@ def reference_steps(base, controlnet, batches, device, accelerator=None, weight_
 
 
 def reference_sdxl_steps(parts: dict, controlnet, batches, device, accelerator, weight_dtype, optimizer=None):
-    """What diffusers' train_controlnet_sdxl.py does per step: prompt embeddings (both encoders) and the added
+    """What diffusers' train_controlnet_sdxl.py does per step (`accelerator` None: one process, plain backward): prompt embeddings (both encoders) and the added
     time ids computed once beforehand, the encoders then dropped; the VAE kept in fp32 (SDXL's overflows in
     fp16), latents cast to `weight_dtype`; ControlNet and UNet get `added_cond_kwargs`."""
     import torch
@@ -165,7 +165,8 @@ def reference_sdxl_steps(parts: dict, controlnet, batches, device, accelerator, 
                                               "time_ids": time_ids.to(weight_dtype)}
 
     def step(batch):
-        with accelerator.accumulate(controlnet):
+        window = accelerator.accumulate(controlnet) if accelerator is not None else contextlib.nullcontext()
+        with window:
             latents = vae.encode(batch["pixel_values"].to(device)).latent_dist.sample()
             latents = (latents * vae.config.scaling_factor).to(weight_dtype)
             noise = torch.randn_like(latents)

@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+from benchmarks import _train_steps as train_steps  # noqa: E402
 from benchmarks._train_steps import PeakMemory, make_inputs, our_steps  # noqa: E402
 
 
@@ -45,76 +46,17 @@ def load_models(base_dir: Path, device):
 
 # ---------------------------------------------------------------------------------------------- variants
 def reference_steps(base, controlnet, batches, device):
-    """What diffusers' train_controlnet.py does per step (single process, fp32, its defaults)."""
+    """What diffusers' train_controlnet.py (SD1.5) / train_controlnet_sdxl.py (SDXL) do per step, single process,
+    fp32, their defaults."""
     import torch
-    import torch.nn.functional as F
 
-    vae, text_encoder, unet, scheduler = base.vae, base.text_encoder, base.unet, base.noise_scheduler
-    optimizer = torch.optim.AdamW(controlnet.parameters(), lr=1e-5, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
-    if base.is_sdxl:
-        return _reference_sdxl_step(base, controlnet, batches, device, optimizer)
-    for batch in batches:  # the script tokenizes in its dataset preprocessing, outside the step
-        batch["input_ids"] = base.tokenizer(batch["text"], max_length=base.tokenizer.model_max_length,
-                                            padding="max_length", truncation=True, return_tensors="pt").input_ids
-
-    def step(batch):
-        latents = vae.encode(batch["pixel_values"].to(device)).latent_dist.sample()
-        latents = latents * vae.config.scaling_factor
-        noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device).long()
-        noisy_latents = scheduler.add_noise(latents, noise, timesteps)
-        encoder_hidden_states = text_encoder(batch["input_ids"].to(device), return_dict=False)[0]
-        controlnet_image = batch["conditioning_pixel_values"].to(device)
-        down, mid = controlnet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
-                               controlnet_cond=controlnet_image, return_dict=False)
-        model_pred = unet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
-                          down_block_additional_residuals=list(down), mid_block_additional_residual=mid,
-                          return_dict=False)[0]
-        loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=False)  # the script's default (--set_grads_to_none off)
-        return loss
-
+    if not base.is_sdxl:
+        return train_steps.reference_steps(base, controlnet, batches, device)
+    parts = dict(unet=base.unet, noise_scheduler=base.noise_scheduler, vae=base.vae,
+                 text_encoders=base.text_encoders, tokenizers=[base.tokenizer, base.tokenizer_2])
+    step = train_steps.reference_sdxl_steps(parts, controlnet, batches, device, None, torch.float32)
+    base.text_encoders_to("cpu")  # the script frees the encoders once the embeddings are computed
     return step
-
-
-def _reference_sdxl_step(base, controlnet, batches, device, optimizer):
-    """train_controlnet_sdxl.py: `compute_embeddings` runs over the dataset before training (prompt embeddings,
-    pooled text embeddings, add_time_ids), the text encoders are freed, the VAE encodes every step."""
-    import torch
-    import torch.nn.functional as F
-
-    from lib_controlnet.train.step import encode_text
-
-    vae, unet, scheduler = base.vae, base.unet, base.noise_scheduler
-    with torch.no_grad():
-        for batch in batches:
-            batch["prompt_ids"], batch["text_embeds"] = encode_text(base, batch["text"], device)
-    base.text_encoders_to("cpu")
-
-    def step(batch):
-        latents = vae.encode(batch["pixel_values"].to(device)).latent_dist.sample() * vae.config.scaling_factor
-        noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device).long()
-        noisy_latents = scheduler.add_noise(latents, noise, timesteps)
-        added = {"text_embeds": batch["text_embeds"].to(device), "time_ids": batch["time_ids"].to(device)}
-        down, mid = controlnet(noisy_latents, timesteps, encoder_hidden_states=batch["prompt_ids"].to(device),
-                               added_cond_kwargs=added, controlnet_cond=batch["conditioning_pixel_values"].to(device),
-                               return_dict=False)
-        model_pred = unet(noisy_latents, timesteps, encoder_hidden_states=batch["prompt_ids"].to(device),
-                          added_cond_kwargs=added, down_block_additional_residuals=list(down),
-                          mid_block_additional_residual=mid, return_dict=False)[0]
-        loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=False)
-        return loss
-
-    return step
-
 
 
 def worker(args) -> None:
