@@ -129,3 +129,51 @@ def test_other_routes_and_non_json_bodies_pass_through(webui_app):
     assert webui_app["reached"][-1] == b"not json"
     assert len([m for m in webui_app["app"].user_middleware if m.cls.__name__ == "AlwaysOnPayloadCheck"]) == 1
     assert requests.get(webui_app["url"] + "/controlnet/version", timeout=60).json() == {"version": 3}
+
+
+class _LoadedModel:
+    """What WebUI 1.10's load_model sets on a checkpoint: one of is_sd1 / is_sd2 / is_sdxl is True."""
+
+    def __init__(self, family):
+        self.is_sd1, self.is_sd2, self.is_sdxl = family == "sd15", family == "sd2", family == "sdxl"
+
+
+@pytest.fixture
+def loaded(webui_app):
+    from modules import shared
+
+    before = shared.sd_model
+
+    def load(family):
+        shared.sd_model = _LoadedModel(family) if family else None
+
+    yield load
+    shared.sd_model = before
+
+
+def test_a_controlnet_for_another_base_answers_422_naming_both(webui_app, loaded):
+    from lib_controlnet import tiny_models
+    from lib_controlnet.models import get_registry, save_controlnet_ldm
+    from modules import paths
+
+    save_controlnet_ldm(tiny_models.tiny_controlnet("sdxl"),
+                        Path(paths.models_path) / "ControlNet" / "control_sdxl_payload.safetensors", dtype="fp16")
+    get_registry().refresh()
+    before = len(webui_app["reached"])
+    loaded("sdxl")
+    response = _post(webui_app, "/sdapi/v1/txt2img", {})
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert detail.startswith("alwayson_scripts.controlnet.args[0].model:")
+    assert "for SD1.5" in detail and "checkpoint is SDXL" in detail
+    assert _post(webui_app, "/sdapi/v1/txt2img", {"model": "control_sdxl_payload"}).status_code == 200
+    loaded("sd15")  # the reverse
+    response = _post(webui_app, "/sdapi/v1/img2img", {"model": "control_sdxl_payload"})
+    assert response.status_code == 422 and "for SDXL" in response.json()["detail"]
+    assert len(webui_app["reached"]) == before + 1
+    # a request that loads another checkpoint, and a WebUI with none loaded yet: judged later, at load time
+    switching = _post(webui_app, "/sdapi/v1/img2img", {"model": "control_sdxl_payload"},
+                      override_settings={"sd_model_checkpoint": "some_sdxl_model"})
+    assert switching.status_code == 200
+    loaded(None)
+    assert _post(webui_app, "/sdapi/v1/img2img", {"model": "control_sdxl_payload"}).status_code == 200

@@ -293,6 +293,25 @@ def test_exception_and_interrupt_unhook(webui, txt2img_script, photo):
     assert _hooks(unet) == hooks_before and torch.equal(_unet_output(unet), before)
 
 
+def test_a_controlnet_for_another_base_is_one_sentence_before_anything_loads(webui, txt2img_script, photo):
+    from lib_controlnet.errors import UserError
+    from modules import shared
+
+    unet = webui["unet"]
+    before, hooks_before = _unet_output(unet), _hooks(unet)
+    model = type(shared.sd_model)
+    model.is_sd1, model.is_sdxl = False, True  # as WebUI 1.10 flags an SDXL checkpoint; this unit's model is SD1.5
+    try:
+        with pytest.raises(UserError, match="is a ControlNet for SD1.5 and the loaded checkpoint is SDXL"):
+            _run(txt2img_script, _args(txt2img_script, **_canny_unit(photo)))
+        model.is_sd1, model.is_sdxl = True, False
+        _, processed = _run(txt2img_script, _args(txt2img_script, **_canny_unit(photo)))
+        assert len(processed.images) == 3
+    finally:
+        del model.is_sd1, model.is_sdxl
+    assert _hooks(unet) == hooks_before and torch.equal(_unet_output(unet), before)
+
+
 def test_hires_fix_runs_both_passes(webui, txt2img_script, photo):
     from lib_controlnet import preprocess
 

@@ -14,7 +14,7 @@ from lib_controlnet import api
 from lib_controlnet.settings import get_settings
 from lib_controlnet.ui import unit_args
 from lib_controlnet.unit import ControlUnitError
-from lib_controlnet.webui import infotext, settings
+from lib_controlnet.webui import base_fit, infotext, settings
 from lib_controlnet.ui.batch_folder import folder_images
 from lib_controlnet.webui.job import UnitPlan, WebUIJob
 
@@ -72,6 +72,9 @@ class Lifecycle:
                 # img2img: the unit follows the img2img input unless it has (and wants) its own image
                 unit = unit.replace(image=np.asarray(init_images[0].convert("RGB")))
             api.validate_unit(unit, f"ControlNet unit {index}")
+            sentence = base_fit.mismatch(unit.model, base_fit.loaded_family()) if unit.uses_model else None
+            if sentence:
+                raise api.PayloadError(f"ControlNet unit {index}.model", sentence)
             plans.append(UnitPlan(index, unit, batch_images, batch_masks))
         return plans
 

@@ -3,13 +3,15 @@
 The WebUI runs an always-on script's `process` inside its job and only logs what it raises, so a bad unit would
 otherwise come back as HTTP 200 with an image made without ControlNet. This ASGI middleware reads the request
 body first, checks `alwayson_scripts.ControlNet.args` with the same parser as the standalone server, and
-answers 422 naming the field; a good body is replayed to the WebUI untouched.
+answers 422 naming the field; a good body is replayed to the WebUI untouched. A unit whose ControlNet was made
+for another base than the loaded checkpoint is a bad field too (unless the request switches checkpoints).
 """
 from __future__ import annotations
 
 import json
 
 from lib_controlnet import api
+from lib_controlnet.webui import base_fit
 
 CHECKED_PATHS = frozenset({"/sdapi/v1/txt2img", "/sdapi/v1/img2img"})
 
@@ -24,9 +26,18 @@ def payload_error(body: bytes) -> str | None:
     if not isinstance(payload, dict):
         return None
     try:
-        api.parse_alwayson_units(payload.get("alwayson_scripts"))
+        units = api.parse_alwayson_units(payload.get("alwayson_scripts"))
     except api.PayloadError as error:
         return str(error)
+    overrides = payload.get("override_settings")
+    if isinstance(overrides, dict) and overrides.get("sd_model_checkpoint"):
+        return None  # another checkpoint will be loaded for this job: the unit is judged against that one
+    family = base_fit.loaded_family() if any(u.is_active and u.uses_model for u in units) else None
+    key = next((k for k in payload["alwayson_scripts"] if k.lower() == api.SCRIPT_TITLE.lower()), "") if units else ""
+    for i, unit in enumerate(units):
+        sentence = base_fit.mismatch(unit.model, family) if unit.is_active and unit.uses_model else None
+        if sentence:
+            return str(api.PayloadError(f"alwayson_scripts.{key}.args[{i}].model", sentence))
     return None
 
 
