@@ -44,4 +44,4 @@ def mismatch(model_name: str, family: Optional[str]) -> Optional[str]:
     if info.base in arch.controlnet_bases:
         return None
     return (f"'{model_name}' is a ControlNet for {info.base_label} and the loaded checkpoint is {arch.label}: "
-            f"pick a ControlNet made for {arch.label}, or load a {info.base_label} checkpoint.")
+            f"pick a ControlNet made for {arch.label}, or load an {info.base_label} checkpoint.")
