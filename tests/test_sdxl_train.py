@@ -95,8 +95,16 @@ def test_mid_and_small_controlnets_start_from_the_unet_and_export_as_released(tr
     model = controlnet_from_unet(unet, size)
     own = model.state_dict()
     assert len(own) < len(full) and all(torch.equal(own[k], full[k]) for k in own)
-    if size == "small":
-        assert set(model.config.down_block_types) == {"DownBlock2D"}
+    # the markers other loaders tell the released sizes apart by (diffusers' single-file loader: a level-1 attention
+    # norm without transformer blocks is mid, none at all is small; ComfyUI: small has no middle transformer layer)
+    large, mid_norm = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k.weight", "down_blocks.1.attentions.0.norm.weight"
+    middle_layers = {k.split(".")[4] for k in own if k.startswith("mid_block.attentions.0.transformer_blocks.")}
+    assert large not in own and "mid_block.attentions.0.norm.weight" in own
+    if size == "mid":
+        assert mid_norm in own and "down_blocks.2.attentions.0.transformer_blocks.0.attn1.to_k.weight" in own
+        assert "down_blocks.2.attentions.0.transformer_blocks.1.attn1.to_k.weight" not in own and middle_layers == {"0"}
+    else:
+        assert set(model.config.down_block_types) == {"DownBlock2D"} and mid_norm not in own and not middle_layers
     path = save_controlnet_ldm(model, trained["root"] / f"{size}.safetensors", dtype="fp32")
     assert inspect_model(path).base == detected
     reloaded = load_controlnet(path, dtype=torch.float32).state_dict()

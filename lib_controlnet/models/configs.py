@@ -100,7 +100,9 @@ def config_for(shapes: dict[str, tuple], base: str | None = None) -> dict:
             block_out_channels=channels,
             layers_per_block=lpb,
             down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in has_attention],
-            mid_block_type="UNetMidBlock2DCrossAttn" if mid_depth else "UNetMidBlock2D",
+            # a middle attention with zero transformer layers (the released SDXL small) still has its norm
+            mid_block_type=("UNetMidBlock2DCrossAttn" if any(k.startswith("mid_block.attentions.") for k in shapes)
+                            else "UNetMidBlock2D"),
             norm_num_groups=config.get("norm_num_groups", 32),
         )
     except (KeyError, ValueError, IndexError) as error:
@@ -112,7 +114,7 @@ def config_for(shapes: dict[str, tuple], base: str | None = None) -> dict:
         config["use_linear_projection"] = len(proj) == 2
     depths = [_depth(shapes, f"down_blocks.{i}.attentions.0.") for i in range(levels)]
     if not has_attention[-1]:
-        depths[-1] = max(mid_depth, 1)  # diffusers takes the mid block's depth from the last level
+        depths[-1] = mid_depth  # diffusers takes the mid block's depth from the last level
     config["transformer_layers_per_block"] = depths[0] if len(set(depths)) == 1 else depths
     if "add_embedding.linear_1.weight" in shapes:
         config["addition_embed_type"] = "text_time"

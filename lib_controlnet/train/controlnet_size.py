@@ -1,5 +1,6 @@
 """A new ControlNet's size: the full copy of the UNet's encoder, or the smaller shapes of the released SDXL "mid"
-and "small" ControlNets (fewer transformer layers; small has none in the down blocks).
+and "small" ControlNets (mid: one transformer layer in the last level and the middle; small: none at all), as
+diffusers' single-file loader and ComfyUI tell them apart.
 
 Each size is a change to the full copy's config; the smaller network starts from the full copy's weights, which
 hold every tensor it has (the first transformer layers, the resnets, the zero convolutions).
@@ -10,15 +11,18 @@ SIZES = ("full", "mid", "small")
 
 
 def _mid(config: dict) -> dict:
-    # one transformer layer wherever the encoder has attention (the released SDXL mid: [0, 1, 1])
-    layers = [0 if kind == "DownBlock2D" else 1 for kind in config["down_block_types"]]
-    return {"transformer_layers_per_block": layers}
+    # the released SDXL mid (diffusers/controlnet-*-sdxl-1.0-mid): the full copy's blocks, one transformer layer
+    # in the last level and the middle, none in the others ([0, 0, 1]; its level-1 attentions keep norm and
+    # projections, which is how diffusers' single-file loader tells mid from small)
+    levels = len(config["down_block_types"])
+    return {"transformer_layers_per_block": [0] * (levels - 1) + [1]}
 
 
 def _small(config: dict) -> dict:
-    # no attention in the down blocks; the middle block keeps one transformer layer (released SDXL small: [0, 0, 1])
+    # the released SDXL small: no attention in the down blocks and none in the middle's attention either (its
+    # middle keeps norm and projections around zero transformer layers; ComfyUI's SDXL_small_cnet: depth 0)
     levels = len(config["down_block_types"])
-    return {"down_block_types": ["DownBlock2D"] * levels, "transformer_layers_per_block": [0] * (levels - 1) + [1]}
+    return {"down_block_types": ["DownBlock2D"] * levels, "transformer_layers_per_block": [0] * levels}
 
 
 _CHANGES = {"full": lambda config: {}, "mid": _mid, "small": _small}
