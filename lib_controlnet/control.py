@@ -22,6 +22,7 @@ from lib_controlnet.cpu_convolution import use_fastest_kernels
 from lib_controlnet.control_units import (SOFT_WEIGHT_BASE, ControlError, ControlJob, PreparedUnit,  # noqa: F401
                                           prepare_units)
 from lib_controlnet.models.kinds import ENCODER_FEATURES, RESIDUALS
+from lib_controlnet.models.kinds import ATTENTION, AttentionCall
 from lib_controlnet.unit import ControlMode, HiResFixOption
 
 ALL_ROWS = slice(None)
@@ -91,6 +92,8 @@ class Residuals:
     down: Optional[list[torch.Tensor]] = None
     mid: Optional[torch.Tensor] = None
     encoder: Optional[list[torch.Tensor]] = None
+    # ATTENTION units (LLLite): {id(model): AttentionCall} for the hooks the kind attached (`Controller.attach`)
+    attention: Optional[dict] = None
 
 
 class Controller:
@@ -107,6 +110,7 @@ class Controller:
         self.width, self.height = job.width, job.height
         self._rows: Optional[RowLayout] = None
         self._cursor = 0
+        self._attached: set = set()  # ids of ATTENTION units' models whose hooks a host attached
 
     # --- driven by the sampling loop -------------------------------------------------------------------
     def begin_step(self, step: int, total_steps: Optional[int] = None, rows: Optional[RowLayout] = None) -> None:
@@ -169,6 +173,9 @@ class Controller:
                     raise ControlError(f"T2I-Adapter '{prepared.unit.model}' gives features of other sizes than "
                                        "the job's other adapters; use adapters made for the same base model.")
                 total.encoder = _accumulate(total.encoder, features, selection, batch)
+            elif control == ATTENTION and id(prepared.model) in self._attached:
+                total.attention = total.attention if total.attention is not None else {}
+                total.attention[id(prepared.model)] = self._attention_call(prepared, call, rows, selection)
             else:
                 raise ControlError(f"'{prepared.unit.model}' is a {prepared.kind.name} model, which the "
                                    "controller cannot run yet.")
@@ -238,6 +245,54 @@ class Controller:
             outputs.append(feature * scale)
         return outputs
 
+    # --- kinds that live on the UNet itself (called by hosts when they install) ---------------------------
+    def bind_base(self, unet) -> None:
+        """Units whose kind builds its model from the base (Control-LoRA) get that model for this UNet, on the
+        job's device and dtype; other units keep theirs."""
+        for prepared in self.units:
+            device = self.job.offload_device if prepared.unit.low_vram else self.job.device
+            with torch.no_grad():
+                model = prepared.kind.for_base(prepared.model, unet, dtype=self.job.dtype, device=device)
+            if model is not prepared.model:
+                prepared.model, prepared._kind = model, None
+                prepared._embeddings.clear()
+                use_fastest_kernels(model)
+
+    def attach(self, modules_of, current) -> list:
+        """Hook every ATTENTION unit's modules onto the UNet's layers (`modules_of()`: ldm name -> module);
+        `current(model)` gives the hooks that unit's AttentionCall for the call under way. The host removes the
+        returned handles with its own."""
+        handles: list = []
+        modules = None
+        try:
+            for prepared in self.units:
+                if prepared.kind.control == ATTENTION:
+                    modules = modules if modules is not None else modules_of()
+                    model = prepared.model
+                    handles += prepared.kind.attach(model, modules, lambda model=model: current(model))
+                    self._attached.add(id(model))
+        except BaseException:
+            for handle in handles:
+                handle.remove()
+            self._attached.clear()
+            raise
+        return handles
+
+    def _attention_call(self, prepared: PreparedUnit, call: UNetCall, rows: RowLayout, selection) -> AttentionCall:
+        """What the unit's attention hooks need in this call; the kind's embedding computed once per size."""
+        height, width = call.sample.shape[-2] * 8, call.sample.shape[-1] * 8
+        key = ("attention", width, height, str(prepared.model.device), prepared.model.dtype)
+        cache = prepared._embeddings
+        if key not in cache:
+            cache.clear()
+            with torch.no_grad():
+                cache[key] = prepared.kind.embed(prepared.model, prepared.hint(width, height))
+        images = _image_rows(rows, selection)
+        if max(images) >= prepared.hint(width, height).shape[0] > 1:
+            raise ControlError(f"The unit has {prepared.hint(width, height).shape[0]} control images for a batch "
+                               f"of {max(images) + 1}.")
+        return AttentionCall(cache[key], images, selection, float(prepared.unit.weight), prepared.mask_at(width, height))
+
     def _embedding(self, prepared: PreparedUnit, width: int, height: int) -> torch.Tensor:
         key = (width, height, str(prepared.model.device), prepared.model.dtype)
         cache = prepared._embeddings
@@ -248,6 +303,7 @@ class Controller:
         return cache[key]
 
     def close(self) -> None:
+        self._attached.clear()
         for prepared in self.units:
             prepared._embeddings.clear()
             prepared._hints.clear()

@@ -3,7 +3,8 @@
 One forward pre-hook (with kwargs) per job: it asks the Controller for the step's residuals and passes them as
 `down_block_additional_residuals` / `mid_block_additional_residual`, the UNet's own ControlNet inputs, added
 to any residuals the caller passed already; T2I-Adapter features go in as `down_intrablock_additional_residuals`,
-the UNet's own adapter input (it adds them where diffusers' adapter pipelines do). `forward` is never replaced,
+the UNet's own adapter input (it adds them where diffusers' adapter pipelines do). ATTENTION kinds (LLLite)
+hook the attention layers they condition, found under their ldm names. `forward` is never replaced,
 so other wrappers keep working.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 from typing import Iterator
 
 from lib_controlnet.control import Controller, UNetCall
+from lib_controlnet.models.kinds.base_unet import ldm_modules
 
 _POSITIONAL = ("sample", "timestep", "encoder_hidden_states")
 
@@ -23,8 +25,9 @@ def _argument(name: str, args: tuple, kwargs: dict):
     return args[index] if len(args) > index else None
 
 
-def _pre_hook(controller: Controller):
+def _pre_hook(controller: Controller, state: dict):
     def hook(module, args, kwargs):
+        state.clear()  # ATTENTION units' inputs for this call only
         added = kwargs.get("added_cond_kwargs") or {}
         call = UNetCall(
             sample=_argument("sample", args, kwargs),
@@ -36,6 +39,7 @@ def _pre_hook(controller: Controller):
         residuals = controller.residuals(call)
         if residuals is None:
             return None
+        state.update(residuals.attention or {})
         kwargs = dict(kwargs)
         if residuals.down is not None:
             down, mid = residuals.down, residuals.mid
@@ -58,6 +62,7 @@ def _pre_hook(controller: Controller):
 @contextlib.contextmanager
 def hooked(unet, controller: Controller) -> Iterator[Controller]:
     """Control `unet` with `controller` inside the block; the hook is gone afterwards, whatever happened."""
+    controller.bind_base(unet)  # Control-LoRA: its ControlNet, built from this UNet's weights (cached)
     expected = 1 + sum(len(b.resnets) + (1 if b.downsamplers else 0) for b in unet.down_blocks)  # conv_in + blocks
     from lib_controlnet.models.kinds import RESIDUALS
 
@@ -68,9 +73,15 @@ def hooked(unet, controller: Controller) -> Iterator[Controller]:
             raise ControlError(
                 f"ControlNet '{prepared.unit.model}' gives {prepared.n_residuals} residuals but this UNet takes "
                 f"{expected + 1}: it was made for another base model (SD1.5 / SD2 / SDXL).")
-    handle = unet.register_forward_pre_hook(_pre_hook(controller), with_kwargs=True)
+    state: dict = {}
+    handles = [unet.register_forward_pre_hook(_pre_hook(controller, state), with_kwargs=True),
+               unet.register_forward_hook(lambda module, args, output: state.clear())]
     try:
+        # ATTENTION kinds (LLLite): pre-hooks on the attention layers, found by their ldm names
+        handles.extend(controller.attach(lambda: ldm_modules(unet), lambda model: state.get(id(model))))
         yield controller
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+        state.clear()
         controller.close()

@@ -6,6 +6,7 @@ Module hooks only, never a replaced `forward`, so other extensions that wrap the
   feeds `cat([h, hs.pop()])` to output block j, and the popped skip is input block k = n-1-j's output; adding
   there, and not to input block k's own output, keeps the encoder's path untouched, as ControlNet defines;
 - a forward hook on `middle_block` adds the last residual to its output;
+- ATTENTION kinds (LLLite) put forward pre-hooks on the attention layers they condition (`Controller.attach`);
 - a forward hook on each `input_blocks[k]` adds T2I-Adapter features to its output (so both the next block and
   the skip see them, as TencentARC's adapter does): feature i goes to the last block of the first run of
   blocks, after feature i-1's block, whose output has the feature's channels and resolution. That is where
@@ -33,11 +34,13 @@ import torch
 
 from lib_controlnet.control import ControlError, Controller, Residuals, UNetCall
 from lib_controlnet.models.kinds import RESIDUALS
+from lib_controlnet.models.kinds.base_unet import ldm_modules
 
 
 class _State:
     residuals: Optional[Residuals] = None
     encoder: dict = {}  # input block index -> feature to add to its output, for the current call
+    attention: Optional[dict] = None  # id(model) -> AttentionCall of each ATTENTION unit, for the current call
 
 
 def block_levels(unet) -> list[tuple[int, int]]:
@@ -86,12 +89,14 @@ def _unet_pre_hook(controller: Controller, state: _State, levels: list):
             return args[index] if len(args) > index else None
 
         state.residuals, state.encoder = None, {}  # never let a failed call's control leak into the next one
+        state.attention = None
         sample = arg("x", 0)
         residuals = controller.residuals(UNetCall(
             sample=sample, timestep=arg("timesteps", 1), context=arg("context", 2), y=arg("y", 3)))
         if residuals is not None and residuals.encoder is not None:
             state.encoder = encoder_targets(levels, residuals.encoder, sample.shape[-2])
         state.residuals = residuals if residuals is not None and residuals.down is not None else None
+        state.attention = residuals.attention if residuals is not None else None
         return None
 
     return hook
@@ -100,6 +105,7 @@ def _unet_pre_hook(controller: Controller, state: _State, levels: list):
 def _unet_post_hook(state: _State):
     def hook(module, args, kwargs, output):
         state.residuals, state.encoder = None, {}
+        state.attention = None
         return None
 
     return hook
@@ -157,6 +163,7 @@ class Installed:
             handle.remove()
         self._handles = []
         self._state.residuals, self._state.encoder = None, {}
+        self._state.attention = None
         _installed.pop(id(self.unet), None)
         self.controller.close()
 
@@ -169,6 +176,7 @@ def install(unet, controller: Controller) -> Installed:
     stale = _installed.get(id(unet))
     if stale is not None:
         stale.remove()
+    controller.bind_base(unet)  # Control-LoRA: its ControlNet, built from this UNet's weights (cached)
     n_inputs = len(unet.input_blocks)
     if len(unet.output_blocks) != n_inputs:
         raise ControlError("This UNet's decoder does not mirror its encoder; ControlNet cannot be applied.")
@@ -190,6 +198,8 @@ def install(unet, controller: Controller) -> Installed:
         handles.append(unet.middle_block.register_forward_hook(_middle_hook(state)))
         for k, block in enumerate(unet.input_blocks):
             handles.append(block.register_forward_hook(_encoder_hook(state, k)))
+        # ATTENTION kinds (LLLite): their own pre-hooks on the UNet's layers, fed per call through `state`
+        handles.extend(controller.attach(lambda: ldm_modules(unet), lambda model: (state.attention or {}).get(id(model))))
     except BaseException:
         installed.remove()
         raise

@@ -47,6 +47,17 @@ def file_keys(path: Path) -> FileKeys:
     return FileKeys(path, header.shapes, header.nested, None, path)
 
 
+@dataclasses.dataclass
+class AttentionCall:
+    """What an ATTENTION kind's hooks need during one UNet call, from the controller."""
+
+    embeddings: object        # the kind's `embed` output for the job's hint at this size
+    images: list              # for each row acted on, the index of the image (hint) it belongs to
+    selection: object         # those rows in the UNet's batch: a slice, or a LongTensor of row indices
+    scale: float
+    mask: object = None       # (N images, 1, H, W) in [0, 1] where the unit acts, or None
+
+
 class Kind:
     """One kind of control model. Subclasses fill in the three answers."""
 
@@ -67,6 +78,22 @@ class Kind:
     def owns(self, model) -> bool:
         """Whether a loaded model object is of this kind."""
         return False
+
+    def for_base(self, model, unet, dtype=None, device=None):
+        """The model to run on this base UNet. Most kinds' files are complete models (returned as they are);
+        a kind built from the base's own weights (Control-LoRA) makes its runnable model here."""
+        return model
+
+    # --- ATTENTION kinds: modules hooked onto the UNet's attention layers ---------------------------------
+    def embed(self, model, hint):
+        """The per-image conditioning of `hint` (N, 3, H, W) in [0, 1], computed once per job and size."""
+        raise NotImplementedError
+
+    def attach(self, model, modules: dict, current) -> list:
+        """Hook `model` onto the UNet's layers (`modules`: ldm name -> module); each hook reads `current()`, the
+        unit's `AttentionCall` for the UNet call under way, or None while the unit is inactive. Returns the
+        hook handles, which the host removes with its own."""
+        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"<kind {self.name}>"

@@ -5,7 +5,6 @@ file learns what it is instead of reading a shape mismatch.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from lib_controlnet.models.errors import ModelFileError
@@ -32,15 +31,9 @@ def _is_union(keys: FileKeys) -> bool:
         (keys.folder_config or {}).get("_class_name") == "ControlNetUnionModel")
 
 
-def _is_control_lora(keys: FileKeys) -> bool:
-    return keys.has("lora_controlnet") or any(re.search(r"\.(up|down)(\.weight)?$", k) for k in keys.shapes)
-
-
 def _is_ip_adapter(keys: FileKeys) -> bool:
     return bool({"image_proj", "ip_adapter"} & set(keys.nested)) or keys.any_startswith("image_proj.", "ip_adapter.")
 
 
 UNION = PendingKind("ControlNet-Union", RESIDUALS, _is_union)
-CONTROL_LORA = PendingKind("Control-LoRA (ControlLoRA)", RESIDUALS, _is_control_lora)
-LLLITE = PendingKind("ControlNet-LLLite", ATTENTION, lambda keys: keys.any_contains("lllite"))
 IP_ADAPTER = PendingKind("IP-Adapter", ATTENTION, _is_ip_adapter)
