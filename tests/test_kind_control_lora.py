@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from control_fixtures import diffusers_pair, inputs, ldm_unet_like, one_thread, unit
+from kind_files import RANK, reference_state, write_control_lora
 from lib_controlnet.control import ControlJob, Controller, PreparedUnit
 from lib_controlnet.control_forward import added_embedding_input
 from lib_controlnet.hosts import diffusers as diffusers_host
@@ -18,52 +19,12 @@ from lib_controlnet.models.kinds import CONTROLNET
 from lib_controlnet.models.kinds.control_lora import CONTROL_LORA, MERGED
 
 _threads = pytest.fixture(scope="module", autouse=True)(one_thread)
-RANK = 4
-ENCODER = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.")
 
 
 @pytest.fixture(autouse=True)
 def _no_grad():
     with torch.no_grad():
         yield
-
-
-def write_control_lora(path, base_ldm: dict, own: dict, seed: int = 7) -> dict:
-    """Stability's layout, written out here: every encoder weight of 2+ dims as rank-RANK factors (up [out, r(,1,1)],
-    down [r, in(, kh, kw)]) except label_emb.0.2.weight, given in full as trained tensors are; every bias and norm
-    in full (perturbed, so they visibly replace the base's); the ControlNet's own layers; the marker."""
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {"lora_controlnet": torch.tensor([])}
-    for key, tensor in base_ldm.items():
-        if not key.startswith(ENCODER):
-            continue
-        if key.endswith(".weight") and tensor.ndim >= 2 and key != "label_emb.0.2.weight":
-            layer = key[:-len(".weight")]
-            tail = (1, 1) if tensor.ndim == 4 else ()
-            tensors[f"{layer}.up"] = torch.randn(tensor.shape[0], RANK, *tail, generator=generator) * 0.05
-            tensors[f"{layer}.down"] = torch.randn(RANK, *tensor.shape[1:], generator=generator) * 0.05
-        else:
-            tensors[key] = tensor + torch.randn(tensor.shape, generator=generator) * 0.05
-    tensors.update(own)
-    save_file(tensors, str(path))
-    return tensors
-
-
-def reference_state(base_ldm: dict, file: dict) -> dict:
-    """The published definition: weight = base + up.flatten(1) @ down.flatten(1), reshaped; the file's full tensors
-    replace the base's."""
-    out = {}
-    for key, tensor in base_ldm.items():
-        if not key.startswith(ENCODER):
-            continue
-        layer = key[:-len(".weight")]
-        if f"{layer}.up" in file:
-            up, down = file[f"{layer}.up"], file[f"{layer}.down"]
-            out[key] = tensor + (up.flatten(1) @ down.flatten(1)).reshape(tensor.shape)
-        else:
-            out[key] = file.get(key, tensor)
-    out.update({k: v for k, v in file.items() if k.startswith(("input_hint_block.", "zero_convs.", "middle_block_out."))})
-    return out
 
 
 @pytest.fixture(scope="module")

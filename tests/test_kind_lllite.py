@@ -3,14 +3,13 @@ up.0`, attn1 q/k/v and attn2 q of the encoder's and middle block's transformers)
 pre-hooks on the WebUI's ldm UNet and on diffusers' UNet give what the published definition, written out below on
 a copy of the UNet, gives; weight, start/end and control mode act; after jobs, errors and interrupts the UNet is
 bit-identical and hook-free."""
-import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from control_fixtures import diffusers_pair, inputs, ldm_unet_like, one_thread, unit
+from kind_files import COND, MLP, PROJECTIONS, TRANSFORMERS, published, write_lllite
 from lib_controlnet.control import ControlJob, Controller, PreparedUnit, RowLayout
 from lib_controlnet.control_forward import added_embedding_input
 from lib_controlnet.hosts import diffusers as diffusers_host
@@ -19,81 +18,12 @@ from lib_controlnet.models import ModelFileError, kind_of_file, load_control_mod
 from lib_controlnet.models.kinds import LLLITE
 
 _threads = pytest.fixture(scope="module", autouse=True)(one_thread)
-COND, MLP = 8, 8
-# (ldm transformer, depth): kohya's depth is 1 / 2 / 3 for input blocks 1-2 / 4-5 / 7-8 and 3 for the middle block
-TRANSFORMERS = [("input_blocks.4.1", 2), ("input_blocks.5.1", 2), ("input_blocks.7.1", 3), ("input_blocks.8.1", 3),
-                ("middle_block.1", 3)]
-PROJECTIONS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn2.to_q")
 
 
 @pytest.fixture(autouse=True)
 def _no_grad():
     with torch.no_grad():
         yield
-
-
-def conditioning_shapes(depth: int) -> list:
-    """kohya's conditioning1 per depth: 3 -> COND/2 at 1/4, then to COND at 1/8 (1), 1/16 (2), 1/32 (3)."""
-    half = COND // 2
-    first = (half, 3, 4, 4)
-    return {1: [first, (COND, half, 2, 2)], 2: [first, (COND, half, 4, 4)],
-            3: [first, (half, half, 4, 4), (COND, half, 2, 2)]}[depth]
-
-
-def write_lllite(path, ldm_unet, seed=3) -> dict:
-    generator = torch.Generator().manual_seed(seed)
-    modules = dict(ldm_unet.named_modules())
-    tensors = {}
-    for transformer, depth in TRANSFORMERS:
-        for projection in PROJECTIONS:
-            layer = f"{transformer}.transformer_blocks.0.{projection}"
-            width = modules[layer].in_features
-            name = "lllite_unet_" + layer.replace(".", "_")
-            for i, shape in enumerate(conditioning_shapes(depth)):
-                tensors[f"{name}.conditioning1.{2 * i}.weight"] = torch.randn(shape, generator=generator) * 0.2
-                tensors[f"{name}.conditioning1.{2 * i}.bias"] = torch.randn(shape[0], generator=generator) * 0.1
-            for part, (out_f, in_f) in (("down", (MLP, width)), ("mid", (MLP, MLP + COND)), ("up", (width, MLP))):
-                tensors[f"{name}.{part}.0.weight"] = torch.randn(out_f, in_f, generator=generator) * 0.3
-                tensors[f"{name}.{part}.0.bias"] = torch.randn(out_f, generator=generator) * 0.1
-    save_file(tensors, str(path))
-    return tensors
-
-
-class PublishedLLLite(torch.nn.Module):
-    """The definition (kohya's description): x -> org(x + multiplier * up(relu(mid(cat([e, relu(down(x))]))))),
-    e = conditioning1(2 * hint - 1) as (N, h*w, C) tokens, repeated to the batch."""
-
-    def __init__(self, org, weights: dict, name: str, hint, multiplier: float):
-        super().__init__()
-        self.org, self.w, self.name, self.multiplier = org, weights, name, multiplier
-        e = hint * 2 - 1
-        convs = sorted({int(k.split(".")[-2]) for k in weights if k.startswith(f"{name}.conditioning1.")})
-        for n, index in enumerate(convs):
-            weight = weights[f"{name}.conditioning1.{index}.weight"]
-            e = F.conv2d(e, weight, weights[f"{name}.conditioning1.{index}.bias"], stride=weight.shape[-1])
-            if n < len(convs) - 1:
-                e = F.relu(e)
-        self.e = e.flatten(2).permute(0, 2, 1)
-
-    def forward(self, x):
-        w, n = self.w, self.name
-        e = self.e.repeat(x.shape[0] // self.e.shape[0], 1, 1)
-        h = torch.cat([e, F.relu(F.linear(x, w[f"{n}.down.0.weight"], w[f"{n}.down.0.bias"]))], dim=2)
-        h = F.relu(F.linear(h, w[f"{n}.mid.0.weight"], w[f"{n}.mid.0.bias"]))
-        h = F.linear(h, w[f"{n}.up.0.weight"], w[f"{n}.up.0.bias"])
-        return self.org(x + h * self.multiplier)
-
-
-def published(ldm_unet, weights, hint, multiplier):
-    reference = copy.deepcopy(ldm_unet)
-    modules = dict(reference.named_modules())
-    for transformer, _ in TRANSFORMERS:
-        for projection in PROJECTIONS:
-            layer = f"{transformer}.transformer_blocks.0.{projection}"
-            parent, child = layer.rsplit(".", 1)
-            name = "lllite_unet_" + layer.replace(".", "_")
-            setattr(modules[parent], child, PublishedLLLite(modules[layer], weights, name, hint, multiplier))
-    return reference
 
 
 @pytest.fixture(scope="module")

@@ -113,7 +113,7 @@ def test_known_unsupported_types_are_named(tmp_path):
     lora = {"lora_controlnet": torch.zeros(1), "input_blocks.1.1.proj_in.down": torch.zeros(4, 32),
             "input_blocks.1.1.proj_in.up": torch.zeros(32, 4), "input_hint_block.0.weight": torch.zeros(16, 3, 3, 3)}
     save_file(lora, str(tmp_path / "control-lora-canny-rank128.safetensors"))
-    expect_error(tmp_path / "control-lora-canny-rank128.safetensors", "ControlLoRA")
+    expect_error(tmp_path / "control-lora-canny-rank128.safetensors", "Control-LoRA")
 
     torch.save({"image_proj": {"proj.weight": torch.zeros(8, 4)}, "ip_adapter": {"1.to_k_ip.weight": torch.zeros(4, 4)}},
                tmp_path / "ip-adapter_sd15.bin")
