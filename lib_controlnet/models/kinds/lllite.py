@@ -92,8 +92,9 @@ def _tokens(embedding: torch.Tensor, n_tokens: int) -> torch.Tensor:
 class LLLiteModel(torch.nn.Module):
     """All modules of one file, by the ldm name of the layer each conditions."""
 
-    def __init__(self, groups: dict[str, dict[str, tuple]]):
+    def __init__(self, groups: dict[str, dict[str, tuple]], file_name: str = "The ControlNet-LLLite model"):
         super().__init__()
+        self.file_name = file_name
         self.targets = sorted(groups)
         self.blocks = torch.nn.ModuleList([LLLiteModule(groups[target]) for target in self.targets])
 
@@ -175,7 +176,7 @@ class LLLiteKind(Kind):
         path = Path(path)
         groups = _groups(path.name, keys.shapes)
         with torch.device("meta"):
-            model = LLLiteModel(groups)
+            model = LLLiteModel(groups, path.name)
         tensors = read_tensors(keys.weights_path)
         state = {}
         for index, target in enumerate(model.targets):
@@ -199,19 +200,22 @@ class LLLiteKind(Kind):
 
     def attach(self, model, modules: dict, current) -> list:
         by_spelling = {PREFIX + name.replace(".", "_"): layer for name, layer in modules.items()}
+
+        def misfit(detail: str) -> ModelFileError:
+            return ModelFileError(f"{model.file_name} is a ControlNet-LLLite model made for another base model than "
+                                  f"the loaded one ({detail}); ControlNet-LLLite models are for SDXL.")
+
         missing = [t for t in model.targets if t not in by_spelling]
         if missing:
-            raise ModelFileError(f"This ControlNet-LLLite model conditions layers the loaded base model does not have "
-                                 f"(such as {missing[0][len(PREFIX):]}): it was made for another base model (SDXL).")
+            raise misfit(f"its UNet has no layer {missing[0][len(PREFIX):]}")
         handles = []
         try:
             for target, module in zip(model.targets, model.blocks):
                 layer = by_spelling[target]
                 want = layer.in_features if isinstance(layer, torch.nn.Linear) else getattr(layer, "in_channels", None)
                 if want != module.up[0].weight.shape[0]:
-                    raise ModelFileError(f"This ControlNet-LLLite model does not fit the loaded base model ("
-                                         f"{target[len(PREFIX):]} takes {want} channels, the module gives "
-                                         f"{module.up[0].weight.shape[0]}); it was made for another base model.")
+                    raise misfit(f"its layer {target[len(PREFIX):]} takes {want} channels, the module gives "
+                                 f"{module.up[0].weight.shape[0]}")
                 handles.append(layer.register_forward_pre_hook(_hook(module, current)))
         except BaseException:
             for handle in handles:
