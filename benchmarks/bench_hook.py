@@ -7,6 +7,9 @@
     python benchmarks/bench_hook.py --adapter  # a T2I-Adapter (full, same channels) instead of a ControlNet:
         adapter ratio = our per-step time / StableDiffusionAdapterPipeline's                       [<= 1.00]
         and the adapter's added cost over a plain step, beside a ControlNet's (it runs once per job)
+    python benchmarks/bench_hook.py --sdxl --quick --lllite   # ControlNet-LLLite (needs --sdxl), per UNet call:
+        lllite ratio = ours (pre-hooks) / kohya's definition as wrapper modules on the same layers   [<= 1.02]
+        and LLLite's added cost over a plain step, beside a ControlNet's
 
 Prints three ratios (lower is better), measured in one run on the same weights and inputs:
   hook overhead  = one hooked UNet step with one unit / (UNet step alone + ControlNet forward alone)  [<= 1.02]
@@ -206,6 +209,7 @@ def main(argv=None) -> int:
     parser.add_argument("--adapter", action="store_true", help="benchmark a T2I-Adapter instead of a ControlNet")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.add_argument("--sdxl", action="store_true", help="SDXL-shaped UNet + ControlNet, SDXL pipelines")
+    parser.add_argument("--lllite", action="store_true", help="with --sdxl: ControlNet-LLLite instead (benchmarks/_lllite.py)")
     args = parser.parse_args(argv)
     args.repeats = args.repeats or 3
     if args.threads:
@@ -224,6 +228,14 @@ def main(argv=None) -> int:
     print(f"model: {size} (UNet {sum(p.numel() for p in components['unet'].parameters()) / 1e6:.0f}M, ControlNet "
           f"{sum(p.numel() for p in controlnet.parameters()) / 1e6:.0f}M params), image {args.image}x{args.image}, "
           f"{args.steps} steps x {args.repeats} rounds, {torch.get_num_threads()} threads")
+    if args.lllite:
+        if not args.sdxl:
+            parser.error("--lllite needs --sdxl: ControlNet-LLLite models are for SDXL")
+        from benchmarks import _lllite
+
+        _lllite.run(args, components, controlnet)
+        print(f"total {time.perf_counter() - started:.0f}s")
+        return 0
     if args.adapter:
         adapter_main(args, components, controlnet, hint, hint_pil)
         print(f"total {time.perf_counter() - started:.0f}s")

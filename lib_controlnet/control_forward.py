@@ -16,6 +16,8 @@ def hint_embedding(model, hint: torch.Tensor) -> torch.Tensor:
     """The ControlNet's image-side embedding of `hint` (N, 3, H, W) in [0, 1]; independent of the timestep."""
     if model.config.controlnet_conditioning_channel_order == "bgr":
         hint = torch.flip(hint, dims=[1])
+    if getattr(model.config, "conditioning_channels", 3) == 1 and hint.shape[1] == 3:  # gray-input ControlNets
+        hint = (hint * torch.tensor(_LUMA, dtype=hint.dtype, device=hint.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
     return model.controlnet_cond_embedding(hint.to(device=model.device, dtype=model.dtype))
 
 

@@ -150,3 +150,19 @@ def test_damaged_files_get_one_sentence(setup, tmp_path, damage, fragment):
     save_file(tensors, str(path))
     message = str(pytest.raises(ModelFileError, load_control_model, path).value)
     assert fragment in message and "\n" not in message and message.endswith("."), message
+
+
+def test_one_channel_hint_gets_the_luma_of_the_control_map():
+    """A ControlNet whose hint block takes one channel (conditioning_channels=1, as a gray-input Control-LoRA's
+    input_hint_block.0 can be) embeds the control map's luma, as one-channel T2I-Adapters do."""
+    from diffusers import ControlNetModel
+
+    from lib_controlnet.control_forward import hint_embedding
+
+    torch.manual_seed(0)
+    model = ControlNetModel(block_out_channels=(32, 64), down_block_types=("DownBlock2D", "DownBlock2D"),
+                            conditioning_channels=1, conditioning_embedding_out_channels=(16, 32),
+                            cross_attention_dim=32, norm_num_groups=32).eval()
+    rgb = torch.rand(1, 3, 64, 64)
+    luma = (rgb * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    assert torch.allclose(hint_embedding(model, rgb), model.controlnet_cond_embedding(luma), atol=1e-6)
