@@ -269,6 +269,8 @@ class Controller:
                 if prepared.kind.control == ATTENTION:
                     modules = modules if modules is not None else modules_of()
                     model = prepared.model
+                    if prepared.unit.low_vram:  # its hooks run inside every UNet call: it stays beside the UNet
+                        model.to(self.job.device)
                     handles += prepared.kind.attach(model, modules, lambda model=model: current(model))
                     self._attached.add(id(model))
         except BaseException:
