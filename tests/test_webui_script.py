@@ -427,14 +427,15 @@ print(preprocess.run("canny", np.zeros((64, 64, 3), np.uint8)).shape)
 
 
 def test_sdxl_control_lora_and_lllite_on_an_sd15_checkpoint_are_one_sentence(webui, txt2img_script, photo):
-    """Picked in the panel by their "name [hash]" as any model: each is recognised, and on the stand-in's SD1.5
-    UNet the job stops with one sentence naming the mismatch, leaving the UNet hook-free and unchanged."""
+    """Picked in the panel by their "name [hash]" as any model: on an SD1.5 checkpoint each is one sentence before
+    the job (as a ControlNet for another base is), and where the WebUI does not flag its checkpoint, one sentence
+    when the unit meets the UNet; the UNet stays hook-free and unchanged."""
     from control_fixtures import diffusers_pair, ldm_unet_like
     from kind_files import write_control_lora, write_lllite
-    from modules import paths
+    from modules import paths, shared
 
     from lib_controlnet.errors import UserError
-    from lib_controlnet.models import diffusers_to_ldm, unet_diffusers_to_ldm
+    from lib_controlnet.models import diffusers_to_ldm, get_registry, unet_diffusers_to_ldm
 
     folder = Path(paths.models_path) / "ControlNet"
     unet, controlnet = diffusers_pair("sdxl")
@@ -442,15 +443,24 @@ def test_sdxl_control_lora_and_lllite_on_an_sd15_checkpoint_are_one_sentence(web
            if k.startswith(("input_hint_block.", "zero_convs.", "middle_block_out."))}
     write_control_lora(folder / "control-lora-canny-rank4.safetensors", unet_diffusers_to_ldm(unet.state_dict()), own)
     write_lllite(folder / "kohya_controllllite_xl_canny.safetensors", ldm_unet_like(unet, "sdxl"))
-    from lib_controlnet.models import get_registry
-
     get_registry().refresh()
     sd15_unet = webui["unet"]
     before, hooks_before = _unet_output(sd15_unet), _hooks(sd15_unet)
-    for stem, fragment in (("control-lora-canny-rank4", "is a Control-LoRA for SDXL and does not fit the loaded SD1.5"),
-                           ("kohya_controllllite_xl_canny", "is a ControlNet-LLLite model made for another base model")):
+    cases = {"control-lora-canny-rank4": ("is a Control-LoRA for SDXL and the loaded checkpoint is SD1.x",
+                                          "is a Control-LoRA for SDXL and does not fit the loaded SD1.5 model"),
+             "kohya_controllllite_xl_canny": ("is a ControlNet-LLLite for SDXL and the loaded checkpoint is SD1.x",
+                                              "is a ControlNet-LLLite model made for another base model")}
+    model = type(shared.sd_model)
+    for stem, (before_job, in_job) in cases.items():
         name = next(n for n in get_registry().names() if n.startswith(stem))
-        with pytest.raises(UserError) as error:
-            _run(txt2img_script, _args(txt2img_script, **_canny_unit(photo, model=name)))
-        assert fragment in str(error.value) and "\n" not in str(error.value), str(error.value)
-        assert _hooks(sd15_unet) == hooks_before and torch.equal(_unet_output(sd15_unet), before)
+        for flagged, fragment in ((True, before_job), (False, in_job)):
+            if flagged:
+                model.is_sd1, model.is_sdxl = True, False  # as WebUI 1.10 flags an SD1.5 checkpoint
+            try:
+                with pytest.raises(UserError) as error:
+                    _run(txt2img_script, _args(txt2img_script, **_canny_unit(photo, model=name)))
+            finally:
+                if flagged:
+                    del model.is_sd1, model.is_sdxl
+            assert fragment in str(error.value) and "\n" not in str(error.value), str(error.value)
+            assert _hooks(sd15_unet) == hooks_before and torch.equal(_unet_output(sd15_unet), before)

@@ -36,6 +36,9 @@ def mismatch(model_name: str, family: Optional[str]) -> Optional[str]:
         return None
     from lib_controlnet.models import get_registry, inspect_model
 
+    other = _other_kind_mismatch(model_name, ARCHITECTURES[family])
+    if other:
+        return other
     try:
         info = inspect_model(get_registry().find(model_name))
     except Exception:  # noqa: BLE001 - other kinds and bad files are judged when the unit loads
@@ -45,3 +48,21 @@ def mismatch(model_name: str, family: Optional[str]) -> Optional[str]:
         return None
     return (f"'{model_name}' is a ControlNet for {info.base_label} and the loaded checkpoint is {arch.label}: "
             f"pick a ControlNet made for {arch.label}, or load an {info.base_label} checkpoint.")
+
+
+def _other_kind_mismatch(model_name: str, arch) -> Optional[str]:
+    """The same sentence for kinds whose files say their base (Control-LoRA, ControlNet-LLLite: SDXL)."""
+    from lib_controlnet.models import get_registry
+    from lib_controlnet.models.kinds import file_keys, kind_of_keys
+
+    try:
+        keys = file_keys(get_registry().find(model_name))
+        kind = kind_of_keys(keys)
+        made_for = kind.made_for(keys)
+    except Exception:  # noqa: BLE001 - bad files have their own messages where they load
+        return None
+    if made_for is None or made_for in arch.controlnet_bases or made_for not in ARCHITECTURES:
+        return None
+    label = ARCHITECTURES[made_for].label
+    return (f"'{model_name}' is a {kind.name} for {label} and the loaded checkpoint is {arch.label}: "
+            f"pick a {kind.name} made for {arch.label}, or load an {label} checkpoint.")

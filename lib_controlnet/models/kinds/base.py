@@ -79,6 +79,11 @@ class Kind:
         """Whether a loaded model object is of this kind."""
         return False
 
+    def made_for(self, keys: FileKeys) -> str | None:
+        """The base family (sd15 / sd2 / sdxl) a file of this kind is for, when its keys tell; checked against the
+        loaded checkpoint before a job. Plain ControlNets answer through models.inspect_model instead."""
+        return None
+
     def for_base(self, model, unet, dtype=None, device=None):
         """The model to run on this base UNet. Most kinds' files are complete models (returned as they are);
         a kind built from the base's own weights (Control-LoRA) makes its runnable model here."""

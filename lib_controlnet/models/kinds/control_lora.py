@@ -198,6 +198,10 @@ class ControlLoraKind(Kind):
         stat = keys.weights_path.stat()
         return ControlLoraWeights(path, loras, full, (str(keys.weights_path.resolve()), stat.st_mtime_ns, stat.st_size))
 
+    def made_for(self, keys: FileKeys) -> str | None:
+        shapes = {k: v for k, v in keys.shapes.items() if k != MARKER}
+        return {"SDXL": "sdxl", "SD2.x": "sd2", "SD1.5": "sd15"}.get(base_unet.family(shapes))
+
     def n_outputs(self, model) -> int:
         return model.n_residuals
 

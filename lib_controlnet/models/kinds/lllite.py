@@ -188,6 +188,9 @@ class LLLiteKind(Kind):
             model = model.to(device=device, dtype=dtype)
         return model
 
+    def made_for(self, keys: FileKeys) -> str | None:
+        return "sdxl"  # kohya-ss's LLLite exists for SDXL only (its training script and every released file)
+
     def n_outputs(self, model) -> int:
         return len(model.blocks)
 
