@@ -10,6 +10,8 @@
     python benchmarks/bench_hook.py --sdxl --quick --lllite   # ControlNet-LLLite (needs --sdxl), per UNet call:
         lllite ratio = ours (pre-hooks) / kohya's definition as wrapper modules on the same layers   [<= 1.02]
         and LLLite's added cost over a plain step, beside a ControlNet's
+    python benchmarks/bench_hook.py --sdxl --quick --control-lora   # a rank-128 Control-LoRA: its first job's
+        read + merge and a later job's cache hit, against loading the same ControlNet as a full file
 
 Prints three ratios (lower is better), measured in one run on the same weights and inputs:
   hook overhead  = one hooked UNet step with one unit / (UNet step alone + ControlNet forward alone)  [<= 1.02]
@@ -210,6 +212,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.add_argument("--sdxl", action="store_true", help="SDXL-shaped UNet + ControlNet, SDXL pipelines")
     parser.add_argument("--lllite", action="store_true", help="with --sdxl: ControlNet-LLLite instead (benchmarks/_lllite.py)")
+    parser.add_argument("--control-lora", action="store_true",
+                        help="with --sdxl: a Control-LoRA's merge cost instead (benchmarks/_control_lora.py)")
     args = parser.parse_args(argv)
     args.repeats = args.repeats or 3
     if args.threads:
@@ -228,6 +232,14 @@ def main(argv=None) -> int:
     print(f"model: {size} (UNet {sum(p.numel() for p in components['unet'].parameters()) / 1e6:.0f}M, ControlNet "
           f"{sum(p.numel() for p in controlnet.parameters()) / 1e6:.0f}M params), image {args.image}x{args.image}, "
           f"{args.steps} steps x {args.repeats} rounds, {torch.get_num_threads()} threads")
+    if args.control_lora:
+        if not args.sdxl:
+            parser.error("--control-lora needs --sdxl: Control-LoRA models are for SDXL")
+        from benchmarks import _control_lora
+
+        _control_lora.run(args, components, controlnet)
+        print(f"total {time.perf_counter() - started:.0f}s")
+        return 0
     if args.lllite:
         if not args.sdxl:
             parser.error("--lllite needs --sdxl: ControlNet-LLLite models are for SDXL")
