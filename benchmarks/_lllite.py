@@ -125,7 +125,8 @@ def run(args, components, controlnet) -> None:
     print(f"LLLite: {len(model.blocks)} modules, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params")
     print(f"per UNet call: plain {step['plain']:.3f}s, peer (wrapped layers) {step['peer']:.3f}s, ours (pre-hooks) "
           f"{step['ours']:.3f}s, ControlNet hooked {step['controlnet']:.3f}s")
-    print(f"lllite ratio             {step['ours'] / step['peer']:.3f}  (ours / the wrapped definition, target <= 1.02)")
+    print(f"lllite ratio             {step['ours'] / step['peer']:.3f}  "
+          "(ours / the wrapped definition, target <= 1.02)")
     added_lllite, added_controlnet = step["ours"] - step["plain"], step["controlnet"] - step["plain"]
     print(f"added per step           LLLite {added_lllite:.3f}s vs ControlNet {added_controlnet:.3f}s "
           f"({added_lllite / added_controlnet:.2f} of it)")

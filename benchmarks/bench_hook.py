@@ -211,7 +211,8 @@ def main(argv=None) -> int:
     parser.add_argument("--adapter", action="store_true", help="benchmark a T2I-Adapter instead of a ControlNet")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.add_argument("--sdxl", action="store_true", help="SDXL-shaped UNet + ControlNet, SDXL pipelines")
-    parser.add_argument("--lllite", action="store_true", help="with --sdxl: ControlNet-LLLite instead (benchmarks/_lllite.py)")
+    parser.add_argument("--lllite", action="store_true",
+                        help="with --sdxl: ControlNet-LLLite instead (benchmarks/_lllite.py)")
     parser.add_argument("--control-lora", action="store_true",
                         help="with --sdxl: a Control-LoRA's merge cost instead (benchmarks/_control_lora.py)")
     args = parser.parse_args(argv)

@@ -92,7 +92,7 @@ class Residuals:
     down: Optional[list[torch.Tensor]] = None
     mid: Optional[torch.Tensor] = None
     encoder: Optional[list[torch.Tensor]] = None
-    # ATTENTION units (LLLite): {id(model): AttentionCall} for the hooks the kind attached (`Controller.attach`)
+    # ATTENTION units (LLLite): {id(unit): AttentionCall} for the hooks the kind attached (`Controller.attach`)
     attention: Optional[dict] = None
 
 
@@ -110,7 +110,7 @@ class Controller:
         self.width, self.height = job.width, job.height
         self._rows: Optional[RowLayout] = None
         self._cursor = 0
-        self._attached: set = set()  # ids of ATTENTION units' models whose hooks a host attached
+        self._attached: set = set()  # ids of the ATTENTION units (PreparedUnit) whose hooks a host attached
 
     # --- driven by the sampling loop -------------------------------------------------------------------
     def begin_step(self, step: int, total_steps: Optional[int] = None, rows: Optional[RowLayout] = None) -> None:
@@ -173,9 +173,9 @@ class Controller:
                     raise ControlError(f"T2I-Adapter '{prepared.unit.model}' gives features of other sizes than "
                                        "the job's other adapters; use adapters made for the same base model.")
                 total.encoder = _accumulate(total.encoder, features, selection, batch)
-            elif control == ATTENTION and id(prepared.model) in self._attached:
+            elif control == ATTENTION and id(prepared) in self._attached:
                 total.attention = total.attention if total.attention is not None else {}
-                total.attention[id(prepared.model)] = self._attention_call(prepared, call, rows, selection)
+                total.attention[id(prepared)] = self._attention_call(prepared, call, rows, selection)
             else:
                 raise ControlError(f"'{prepared.unit.model}' is a {prepared.kind.name} model, which the "
                                    "controller cannot run yet.")
@@ -260,8 +260,8 @@ class Controller:
 
     def attach(self, modules_of, current) -> list:
         """Hook every ATTENTION unit's modules onto the UNet's layers (`modules_of()`: ldm name -> module);
-        `current(model)` gives the hooks that unit's AttentionCall for the call under way. The host removes the
-        returned handles with its own."""
+        `current(key)` gives the hooks of the unit `key` (its id: two units may share one loaded model) its
+        AttentionCall for the call under way. The host removes the returned handles with its own."""
         handles: list = []
         modules = None
         try:
@@ -271,8 +271,9 @@ class Controller:
                     model = prepared.model
                     if prepared.unit.low_vram:  # its hooks run inside every UNet call: it stays beside the UNet
                         model.to(self.job.device)
-                    handles += prepared.kind.attach(model, modules, lambda model=model: current(model))
-                    self._attached.add(id(model))
+                    key = id(prepared)
+                    handles += prepared.kind.attach(model, modules, lambda key=key: current(key))
+                    self._attached.add(key)
         except BaseException:
             for handle in handles:
                 handle.remove()
@@ -293,7 +294,8 @@ class Controller:
         if max(images) >= prepared.hint(width, height).shape[0] > 1:
             raise ControlError(f"The unit has {prepared.hint(width, height).shape[0]} control images for a batch "
                                f"of {max(images) + 1}.")
-        return AttentionCall(cache[key], images, selection, float(prepared.unit.weight), prepared.mask_at(width, height))
+        return AttentionCall(cache[key], images, selection, float(prepared.unit.weight),
+                             prepared.mask_at(width, height))
 
     def _embedding(self, prepared: PreparedUnit, width: int, height: int) -> torch.Tensor:
         key = (width, height, str(prepared.model.device), prepared.model.dtype)

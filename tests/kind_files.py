@@ -55,7 +55,8 @@ def reference_state(base_ldm: dict, file: dict) -> dict:
             out[key] = tensor + (up.flatten(1) @ down.flatten(1)).reshape(tensor.shape)
         else:
             out[key] = file.get(key, tensor)
-    out.update({k: v for k, v in file.items() if k.startswith(("input_hint_block.", "zero_convs.", "middle_block_out."))})
+    own = ("input_hint_block.", "zero_convs.", "middle_block_out.")
+    out.update({k: v for k, v in file.items() if k.startswith(own)})
     return out
 
 

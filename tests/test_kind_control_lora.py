@@ -109,7 +109,8 @@ def test_merged_model_cached_by_base_weights_and_file(setup):
         ldm_unet.input_blocks[1][0].in_layers[2].weight.add_(1.0)
         second = CONTROL_LORA.for_base(weights, ldm_unet)
         assert second is not first
-        assert not torch.equal(second.down_blocks[0].resnets[0].conv1.weight, first.down_blocks[0].resnets[0].conv1.weight)
+        conv1 = [model.down_blocks[0].resnets[0].conv1.weight for model in (first, second)]
+        assert not torch.equal(*conv1)
     finally:
         ldm_unet.input_blocks[1][0].in_layers[2].weight.copy_(saved)
     MERGED.clear()

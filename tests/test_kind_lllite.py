@@ -141,3 +141,16 @@ def test_damaged_files_get_one_sentence(setup, tmp_path, damage, fragment):
     save_file(tensors, str(path))
     message = str(pytest.raises(ModelFileError, load_control_model, path).value)
     assert fragment in message and "\n" not in message and message.endswith("."), message
+
+
+def test_two_units_sharing_one_loaded_model_act_as_their_own_units(setup):
+    """The model cache hands two units of the same file one model object: each unit's hooks read its own call
+    (an inactive second unit changes nothing)."""
+    unet, ldm_unet, data = setup["unet"], setup["ldm_unet"], setup["data"]
+    model = load_control_model(setup["path"])
+    with ldm_host.hooked(ldm_unet, controller(model, data, weight=0.7)):
+        one = call(ldm_unet, unet, data)
+    units = [PreparedUnit(unit(weight=0.7), model, data["hint"]), PreparedUnit(unit(weight=0.0), model, data["hint"])]
+    with ldm_host.hooked(ldm_unet, Controller(ControlJob(units=units, width=64, height=64, steps=10))):
+        two = call(ldm_unet, unet, data)
+    assert torch.equal(one, two)

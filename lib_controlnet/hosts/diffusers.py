@@ -78,7 +78,7 @@ def hooked(unet, controller: Controller) -> Iterator[Controller]:
                unet.register_forward_hook(lambda module, args, output: state.clear())]
     try:
         # ATTENTION kinds (LLLite): pre-hooks on the attention layers, found by their ldm names
-        handles.extend(controller.attach(lambda: ldm_modules(unet), lambda model: state.get(id(model))))
+        handles.extend(controller.attach(lambda: ldm_modules(unet), lambda key: state.get(key)))
         yield controller
     finally:
         for handle in handles:

@@ -40,7 +40,7 @@ from lib_controlnet.models.kinds.base_unet import ldm_modules
 class _State:
     residuals: Optional[Residuals] = None
     encoder: dict = {}  # input block index -> feature to add to its output, for the current call
-    attention: Optional[dict] = None  # id(model) -> AttentionCall of each ATTENTION unit, for the current call
+    attention: Optional[dict] = None  # id(unit) -> AttentionCall of each ATTENTION unit, for the current call
 
 
 def block_levels(unet) -> list[tuple[int, int]]:
@@ -199,7 +199,7 @@ def install(unet, controller: Controller) -> Installed:
         for k, block in enumerate(unet.input_blocks):
             handles.append(block.register_forward_hook(_encoder_hook(state, k)))
         # ATTENTION kinds (LLLite): their own pre-hooks on the UNet's layers, fed per call through `state`
-        handles.extend(controller.attach(lambda: ldm_modules(unet), lambda model: (state.attention or {}).get(id(model))))
+        handles.extend(controller.attach(lambda: ldm_modules(unet), lambda key: (state.attention or {}).get(key)))
     except BaseException:
         installed.remove()
         raise
