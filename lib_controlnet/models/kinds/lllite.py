@@ -12,7 +12,9 @@ to the resolution of the layer's tokens: 3 -> cond_emb/2 at 1/4, then to cond_em
 With e = conditioning1(2 * hint - 1) as tokens, a module changes its projection's input x to
     x + weight * up(relu(mid(cat([e, relu(down(x))], channels))))
 and the projection runs as usual on that. Here each module is a forward pre-hook on its projection layer; the
-embedding is computed once per job and size.
+embedding is computed once per job and size. The unit's weight is the multiplier (LLLite has no per-depth outputs
+for "My prompt is more important" to soften, so that mode is Balanced); "ControlNet is more important" acts on the
+conditional rows only; a mask limits where the modules act, resized to each layer's grid.
 """
 from __future__ import annotations
 
