@@ -154,3 +154,17 @@ def test_two_units_sharing_one_loaded_model_act_as_their_own_units(setup):
     with ldm_host.hooked(ldm_unet, Controller(ControlJob(units=units, width=64, height=64, steps=10))):
         two = call(ldm_unet, unet, data)
     assert torch.equal(one, two)
+
+
+def test_mask_limits_where_the_modules_act(setup):
+    unet, ldm_unet, data = setup["unet"], setup["ldm_unet"], setup["data"]
+    model = load_control_model(setup["path"])
+    plain = call(ldm_unet, unet, data)
+    outputs = {}
+    for value in (0.0, 1.0, None):
+        mask = None if value is None else torch.full((1, 1, 64, 64), value)
+        units = [PreparedUnit(unit(weight=0.7), model, data["hint"], mask=mask)]
+        with ldm_host.hooked(ldm_unet, Controller(ControlJob(units=units, width=64, height=64, steps=10))):
+            outputs[value] = call(ldm_unet, unet, data)
+    assert torch.equal(outputs[0.0], plain)  # masked out everywhere: the modules add nothing
+    assert torch.allclose(outputs[1.0], outputs[None], atol=1e-6) and not torch.equal(outputs[1.0], plain)
