@@ -126,6 +126,7 @@ def test_lllite_for_another_base_is_one_sentence_and_nothing_hooked(setup):
     ("drop_bias", "is a damaged ControlNet-LLLite file: module lllite_unet_input_blocks_4_1_transformer_blocks_0_attn1"
                   "_to_q has no mid.0.bias"),
     ("misfit", "do not fit together"),
+    ("bad_conditioning", "do not fit together"),
     ("stranger", "holds a weight a ControlNet-LLLite file does not have"),
 ])
 def test_damaged_files_get_one_sentence(setup, tmp_path, damage, fragment):
@@ -135,6 +136,8 @@ def test_damaged_files_get_one_sentence(setup, tmp_path, damage, fragment):
         tensors.pop(f"{name}.mid.0.bias")
     elif damage == "misfit":
         tensors[f"{name}.mid.0.weight"] = torch.zeros(MLP, MLP + COND + 1)
+    elif damage == "bad_conditioning":
+        tensors[f"{name}.conditioning1.0.weight"] = torch.zeros(COND // 2, 4, 4, 4)  # a 4-channel hint
     else:
         tensors["lllite_unet_extra.weight"] = torch.zeros(2)
     path = tmp_path / "lllite-damaged.safetensors"
@@ -168,3 +171,4 @@ def test_mask_limits_where_the_modules_act(setup):
             outputs[value] = call(ldm_unet, unet, data)
     assert torch.equal(outputs[0.0], plain)  # masked out everywhere: the modules add nothing
     assert torch.allclose(outputs[1.0], outputs[None], atol=1e-6) and not torch.equal(outputs[1.0], plain)
+

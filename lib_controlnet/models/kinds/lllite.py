@@ -57,10 +57,6 @@ class LLLiteModule(torch.nn.Module):
         self.down = torch.nn.Sequential(layer(down), torch.nn.ReLU())
         self.mid = torch.nn.Sequential(layer(shapes["mid.0.weight"]), torch.nn.ReLU())
         self.up = torch.nn.Sequential(layer(shapes["up.0.weight"]))
-        self.stride = 1
-        for conv in self.conditioning1:
-            if isinstance(conv, torch.nn.Conv2d):
-                self.stride *= conv.stride[0]
 
     def embed(self, hint: torch.Tensor) -> torch.Tensor:
         """(N, C, h, w) conditioning embedding of a hint in [0, 1]."""
@@ -78,10 +74,11 @@ class LLLiteModule(torch.nn.Module):
 
 
 def _tokens(embedding: torch.Tensor, n_tokens: int) -> torch.Tensor:
-    """(N, C, h, w) -> (N, h*w, C); resized first where the layer's grid differs (sizes not a multiple of 64)."""
+    """(N, C, h, w) -> (N, h*w, C). The strided embedding lands on the layer's grid whenever the UNet itself can
+    run the size (a multiple of 32 pixels for SDXL); a guard resizes it to the nearest grid otherwise."""
     n, c, h, w = embedding.shape
     if h * w != n_tokens:
-        # the UNet halves sizes rounding up: the layer's grid is the one with n_tokens cells nearest in shape
+        # the UNet halves sizes rounding up: take the grid with n_tokens cells nearest in shape
         want = h * (n_tokens / (h * w)) ** 0.5
         divisors = [a for a in range(1, int(n_tokens ** 0.5) + 1) if n_tokens % a == 0]
         height = min(divisors + [n_tokens // a for a in divisors], key=lambda a: abs(a - want))
@@ -127,9 +124,12 @@ def _groups(name: str, shapes: dict) -> dict[str, dict[str, tuple]]:
         if missing:
             raise ModelFileError(f"{name} is a damaged ControlNet-LLLite file: module {module} has no {missing[0]}.")
         down, mid, up = tensors["down.0.weight"], tensors["mid.0.weight"], tensors["up.0.weight"]
-        last = max(int(k.split(".")[1]) for k in tensors if k.startswith("conditioning1.") and k.endswith("weight"))
-        emb = tensors[f"conditioning1.{last}.weight"][0]
-        if mid[1] != down[0] + emb or up[1] != mid[0] or up[0] != down[1]:
+        convs = sorted(int(k.split(".")[1]) for k in tensors if k.startswith("conditioning1.") and k.endswith("weight"))
+        chain = [tensors[f"conditioning1.{i}.weight"] for i in convs]
+        emb = chain[-1][0]
+        if (any(len(s) != 4 or s[2] != s[3] for s in chain) or chain[0][1] != 3
+                or any(a[0] != b[1] for a, b in zip(chain, chain[1:])) or len({len(down), len(mid), len(up)}) != 1
+                or len(down) not in (2, 4) or mid[1] != down[0] + emb or up[1] != mid[0] or up[0] != down[1]):
             raise ModelFileError(f"{name} is a damaged ControlNet-LLLite file: the layers of module {module} do not "
                                  "fit together.")
     # lllite_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q: the ldm name with "." written as "_";
