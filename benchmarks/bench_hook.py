@@ -12,6 +12,8 @@
         and LLLite's added cost over a plain step, beside a ControlNet's
     python benchmarks/bench_hook.py --sdxl --quick --control-lora   # a rank-128 Control-LoRA: its first job's
         read + merge and a later job's cache hit, against loading the same ControlNet as a full file
+    python benchmarks/bench_hook.py --ip-adapter  # one IP-Adapter plus unit (benchmarks/_ip_adapter_steps.py):
+        ip-adapter ratio = our per-step time / StableDiffusionPipeline's with the same IP-Adapter  [<= 1.00]
 
 Prints three ratios (lower is better), measured in one run on the same weights and inputs:
   hook overhead  = one hooked UNet step with one unit / (UNet step alone + ControlNet forward alone)  [<= 1.02]
@@ -209,6 +211,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=4, help="sampling steps per run (the first is warm-up)")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 3)")
     parser.add_argument("--adapter", action="store_true", help="benchmark a T2I-Adapter instead of a ControlNet")
+    parser.add_argument("--ip-adapter", action="store_true", help="benchmark one IP-Adapter plus unit")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.add_argument("--sdxl", action="store_true", help="SDXL-shaped UNet + ControlNet, SDXL pipelines")
     parser.add_argument("--lllite", action="store_true",
@@ -247,6 +250,12 @@ def main(argv=None) -> int:
         from benchmarks import _lllite
 
         _lllite.run(args, components, controlnet)
+        print(f"total {time.perf_counter() - started:.0f}s")
+        return 0
+    if args.ip_adapter:
+        from benchmarks._ip_adapter_steps import ip_adapter_main
+
+        ip_adapter_main(args, components)
         print(f"total {time.perf_counter() - started:.0f}s")
         return 0
     if args.adapter:

@@ -289,13 +289,13 @@ class Controller:
         if key not in cache:
             cache.clear()
             with torch.no_grad():
-                cache[key] = prepared.kind.embed(prepared.model, prepared.hint(width, height))
+                cache[key] = prepared.kind.embed_unit(prepared, width, height)
         images = _image_rows(rows, selection)
-        if max(images) >= prepared.hint(width, height).shape[0] > 1:
+        if not prepared.kind.averages_images and max(images) >= prepared.hint(width, height).shape[0] > 1:
             raise ControlError(f"The unit has {prepared.hint(width, height).shape[0]} control images for a batch "
                                f"of {max(images) + 1}.")
         return AttentionCall(cache[key], images, selection, float(prepared.unit.weight),
-                             prepared.mask_at(width, height))
+                             prepared.mask_at(width, height), rows.cond)
 
     def _embedding(self, prepared: PreparedUnit, width: int, height: int) -> torch.Tensor:
         key = (width, height, str(prepared.model.device), prepared.model.dtype)

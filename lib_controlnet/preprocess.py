@@ -68,6 +68,7 @@ class Preprocessor:
     pad_multiple: int = 1  # networks whose strides need sides divisible by this
     aliases: tuple[str, ...] = ()
     fixed_resolution: Optional[int] = None  # resized to this whatever the request says (no resolution slider)
+    image_encoder: Optional[str] = None  # image prompts: the CLIP tower (annotators.clip_vision) encoding them
 
     def names(self) -> tuple[str, ...]:
         return (self.name, self.label) + self.aliases
@@ -167,6 +168,15 @@ REGISTRY: tuple[Preprocessor, ...] = (
        threshold_a=Slider("Binarization Threshold", 0, 255, 127, 1)),
     _p("inpaint", "inpaint_global_harmonious", "Inpaint", "annotators.inpaint:inpaint", resolution=None),
     _p("inpaint_only", "inpaint_only", "Inpaint", "annotators.inpaint:inpaint", resolution=None),
+    # Image prompts: the map is the image itself; its CLIP encoding is made once per job by the controller.
+    _p("ip-adapter_clip_sd15", "ip-adapter_clip_h", "IP-Adapter", "annotators.clip_vision:preview", resolution=None,
+       model_free=False, image_encoder="clip_h"),
+    _p("ip-adapter_clip_sdxl_plus_vith", "ip-adapter_clip_sdxl_plus_vith", "IP-Adapter",
+       "annotators.clip_vision:preview", resolution=None, model_free=False, image_encoder="clip_h"),
+    _p("ip-adapter_clip_sdxl", "ip-adapter_clip_g", "IP-Adapter", "annotators.clip_vision:preview", resolution=None,
+       model_free=False, image_encoder="clip_g"),
+    _p("ip-adapter_face_id", "ip-adapter_face_id", "IP-Adapter", "annotators.clip_vision:preview", resolution=None,
+       model_free=False, image_encoder="face_id"),
 )
 
 # The control types of the panel's radio, each with the preprocessor it selects by default (label).
@@ -176,6 +186,7 @@ CONTROL_TYPES: dict[str, str] = {
     "SoftEdge": "softedge_pidinet", "Scribble": "scribble_pidinet", "Segmentation": "seg_ofade20k",
     "Shuffle": "shuffle", "Tile": "tile_resample", "Inpaint": "inpaint_only", "InstructP2P": "none",
     "Recolor": "recolor_luminance", "T2I-Adapter": "none",
+    "IP-Adapter": "ip-adapter_clip_h",
 }
 
 _BY_NAME: dict[str, Preprocessor] = {}

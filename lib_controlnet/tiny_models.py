@@ -211,3 +211,56 @@ def save_tiny_sdxl_diffusers_base(path, seed: int = 0):
 
     StableDiffusionXLPipeline(**tiny_sdxl_components(seed)).save_pretrained(str(path), safe_serialization=True)
     return path
+
+
+def random_ip_adapter_state(unet, variant: str = "plus", embed_dim: int = 32, seed: int = 6, tokens: int = 4,
+                            hidden_dims: int = 64) -> dict:
+    """A random IP-Adapter in the original file layout ({"image_proj": ..., "ip_adapter": ...}) for a diffusers
+    or ldm `unet`: `to_k_ip`/`to_v_ip` for each cross-attention (numbered 1, 3, 5, ...), and a base
+    (`proj` + `norm`), plus (4-block resampler, 64-wide heads) or full-face (`proj.0/2/3`) image projection taking
+    `embed_dim`-wide CLIP features; "faceid": an MLP over an `embed_dim`-wide identity embedding plus its LoRA."""
+    from lib_controlnet.ip_attention import attention_layers
+    from lib_controlnet.models.kinds.base_unet import ldm_modules
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=0.2):
+        return torch.randn(*shape, generator=generator) * scale
+
+    modules = ldm_modules(unet)
+    attentions = attention_layers(modules)
+    cross = attentions[0].to_k.in_features
+    ip = {}
+    for i, attention in enumerate(attentions):
+        ip[f"{2 * i + 1}.to_k_ip.weight"] = rand(attention.to_k.out_features, cross)
+        ip[f"{2 * i + 1}.to_v_ip.weight"] = rand(attention.to_v.out_features, cross)
+    ones = lambda n: 1 + rand(n, scale=0.05)  # noqa: E731  (LayerNorm weights near 1)
+    if variant == "base":
+        proj = {"proj.weight": rand(tokens * cross, embed_dim), "proj.bias": rand(tokens * cross),
+                "norm.weight": ones(cross), "norm.bias": rand(cross)}
+    elif variant == "faceid":  # MLP over the identity embedding, and a rank-4 LoRA on every attention
+        proj = {"proj.0.weight": rand(2 * embed_dim, embed_dim), "proj.0.bias": rand(2 * embed_dim),
+                "proj.2.weight": rand(tokens * cross, 2 * embed_dim), "proj.2.bias": rand(tokens * cross),
+                "norm.weight": ones(cross), "norm.bias": rand(cross)}
+        for n, attention in enumerate(attention_layers(modules, ("attn1", "attn2"))):
+            for part, linear in (("q", attention.to_q), ("k", attention.to_k), ("v", attention.to_v),
+                                 ("out", attention.to_out[0])):
+                ip[f"{n}.to_{part}_lora.down.weight"] = rand(4, linear.in_features)
+                ip[f"{n}.to_{part}_lora.up.weight"] = rand(linear.out_features, 4)
+    elif variant == "full-face":
+        proj = {"proj.0.weight": rand(embed_dim, embed_dim), "proj.0.bias": rand(embed_dim),
+                "proj.2.weight": rand(cross, embed_dim), "proj.2.bias": rand(cross),
+                "proj.3.weight": ones(cross), "proj.3.bias": rand(cross)}
+    else:
+        d = hidden_dims
+        proj = {"latents": rand(1, tokens, d, scale=1.0), "proj_in.weight": rand(d, embed_dim), "proj_in.bias": rand(d),
+                "proj_out.weight": rand(cross, d), "proj_out.bias": rand(cross),
+                "norm_out.weight": ones(cross), "norm_out.bias": rand(cross)}
+        for i in range(4):
+            proj.update({f"layers.{i}.0.norm1.weight": ones(d), f"layers.{i}.0.norm1.bias": rand(d),
+                         f"layers.{i}.0.norm2.weight": ones(d), f"layers.{i}.0.norm2.bias": rand(d),
+                         f"layers.{i}.0.to_q.weight": rand(d, d), f"layers.{i}.0.to_kv.weight": rand(2 * d, d),
+                         f"layers.{i}.0.to_out.weight": rand(d, d),
+                         f"layers.{i}.1.0.weight": ones(d), f"layers.{i}.1.0.bias": rand(d),
+                         f"layers.{i}.1.1.weight": rand(4 * d, d), f"layers.{i}.1.3.weight": rand(d, 4 * d)})
+    return {"image_proj": proj, "ip_adapter": ip}

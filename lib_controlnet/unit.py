@@ -71,6 +71,7 @@ LEGACY_ALIASES = {
     "lowvram": "low_vram",
     "guidance": "guidance_end",
     "mask_image": "mask",
+    "effective_region_mask": "mask",  # the other extension's region a unit (IP-Adapter) acts in
 }
 
 WEIGHT_RANGE = (0.0, 2.0)

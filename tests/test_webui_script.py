@@ -464,3 +464,40 @@ def test_sdxl_control_lora_and_lllite_on_an_sd15_checkpoint_are_one_sentence(web
                     del model.is_sd1, model.is_sdxl
             assert fragment in str(error.value) and "\n" not in str(error.value), str(error.value)
             assert _hooks(sd15_unet) == hooks_before and torch.equal(_unet_output(sd15_unet), before)
+
+
+def test_ip_adapter_unit_with_several_images_through_the_api_args(webui, txt2img_script, photo):
+    """An IP-Adapter plus unit as the other extension's clients send it: module `ip-adapter_clip_sd15`, the
+    model's registry name, `image` a list of {"image", "mask"} (multi-inputs), on the WebUI's ldm UNet."""
+    from modules import paths, shared
+
+    from annotators import clip_vision
+    from lib_controlnet import tiny_models
+    from lib_controlnet.models import get_registry
+
+    unet = webui["unet"]
+    torch.save(tiny_models.random_ip_adapter_state(unet, "plus", embed_dim=32),
+               Path(paths.models_path) / "ControlNet" / "ip-adapter-plus_sd15.bin")
+    clip_vision.random_encoder_file(webui["root"] / "annotators", "clip_h", hidden_size=32, projection_dim=24)
+    shared.opts.set("control_net_annotator_dir", str(webui["root"] / "annotators"))
+    get_registry().refresh()
+    name = next(n for n in get_registry().names() if n.startswith("ip-adapter-plus_sd15"))
+
+    def b64(array):
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode()
+
+    before, hooks_before = _unet_output(unet), _hooks(unet)
+    unit = {"enabled": True, "module": "ip-adapter_clip_sd15", "model": name, "weight": 0.8,
+            "image": [{"image": b64(photo), "mask": None}, {"image": b64(photo[::-1].copy()), "mask": None},
+                      {"image": b64(photo[:, ::-1].copy())}]}  # three images for a batch of two: averaged
+    defaults = _args(txt2img_script)
+    _, plain = _run(txt2img_script, _args(txt2img_script))
+    _, prompted = _run(txt2img_script, [unit] + defaults[1:])
+    _, zero = _run(txt2img_script, [dict(unit, weight=0.0)] + defaults[1:])
+    assert len(prompted.images) == 2  # no detected map for an image prompt, as the other extension answers
+    assert np.abs(_pixels(prompted.images) - _pixels(plain.images)).max() > 0
+    np.testing.assert_array_equal(_pixels(zero.images), _pixels(plain.images))
+    assert 'Module: ip-adapter_clip' in prompted.infotexts[0] and "Weight: 0.8" in prompted.infotexts[0]
+    assert _hooks(unet) == hooks_before and torch.equal(_unet_output(unet), before)

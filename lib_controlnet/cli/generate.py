@@ -57,6 +57,8 @@ def register(subparsers) -> None:
     parser.add_argument("--prediction-type", default="auto", choices=("auto", "epsilon", "v_prediction"),
                         help="auto: the file's v_pred marker, else the base config's")
     parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--annotator-dir", default=None,
+                        help="folder holding annotator weight files (clip_vision/clip_h.pth for IP-Adapter units)")
     from lib_controlnet.cli.detect import add_download_flag
 
     add_download_flag(parser)
@@ -71,6 +73,12 @@ def run(args) -> int:
 
     diffusers_logging.disable_progress_bar()
     apply_download_flag(args)
+    if args.annotator_dir:
+        from pathlib import Path
+
+        from lib_controlnet.settings import update_settings
+
+        update_settings(annotator_models_path=Path(args.annotator_dir))
 
     request = GenerateRequest(base=args.base, prompt=args.prompt, negative_prompt=args.negative_prompt,
                               units=[parse_unit(text) for text in args.unit], steps=args.steps, width=args.size[0], height=args.size[1],

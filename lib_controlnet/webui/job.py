@@ -93,6 +93,8 @@ class WebUIJob:
         self._prepared_for = key
         self._job = job
         for plan, prepared in zip(self.plans, self._prepared):
+            if _encodes_image(plan.unit.module):
+                continue  # image prompts show no map, as in the other extension (its clients count the images)
             for detected in (prepared.source if isinstance(prepared.source, list) else []):
                 self.detected_maps.append((plan.index, np.asarray(detected)))
         return self._prepared
@@ -155,3 +157,13 @@ class WebUIJob:
     @property
     def hooked(self) -> bool:
         return self._stack is not None
+
+
+def _encodes_image(module: str) -> bool:
+    """Whether the unit's preprocessor hands its image to an image encoder (IP-Adapter) instead of making a map."""
+    from lib_controlnet import preprocess
+
+    try:
+        return preprocess.get_preprocessor(module).image_encoder is not None
+    except preprocess.PreprocessorError:
+        return False

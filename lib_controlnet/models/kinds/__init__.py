@@ -4,7 +4,7 @@ Each kind is one module holding one `Kind`: how to recognise its files by their 
 to load them, and how it controls the UNet (`control`):
 - RESIDUALS: residuals onto the decoder's skip connections and the middle block (ControlNet);
 - ENCODER_FEATURES: features added to the outputs of the encoder's input blocks (T2I-Adapter);
-- ATTENTION: modules on attention (ControlNet-LLLite; IP-Adapter not run yet).
+- ATTENTION: modules on attention (ControlNet-LLLite; IP-Adapter: image tokens joining cross-attention).
 Control-LoRA controls by RESIDUALS through a ControlNet it builds from the loaded base UNet (`Kind.for_base`).
 The controller asks a loaded model's kind (`kind_of_model`) and drives it through the host hook point it names.
 """
@@ -16,13 +16,15 @@ from lib_controlnet.models.errors import ModelFileError
 from lib_controlnet.models.kinds.base import ATTENTION, ENCODER_FEATURES, RESIDUALS, FileKeys, Kind, file_keys
 from lib_controlnet.models.kinds.base import AttentionCall  # noqa: F401  (ATTENTION kinds' per-call input)
 from lib_controlnet.models.kinds.controlnet import CONTROLNET
-from lib_controlnet.models.kinds.pending import IP_ADAPTER, UNION
+from lib_controlnet.models.kinds.ip_adapter import IP_ADAPTER
+from lib_controlnet.models.kinds.pending import UNION
 from lib_controlnet.models.kinds.control_lora import CONTROL_LORA
 from lib_controlnet.models.kinds.lllite import LLLITE
 from lib_controlnet.models.kinds.t2i_adapter import T2I_ADAPTER
 
-# Most specific first: a union file also holds ControlNet keys, a Control-LoRA file ControlNet-like ones.
-KINDS: tuple[Kind, ...] = (UNION, CONTROL_LORA, IP_ADAPTER, LLLITE, T2I_ADAPTER, CONTROLNET)
+# Most specific first: a union file also holds ControlNet keys, a Control-LoRA file ControlNet-like ones, an
+# IP-Adapter FaceID file LoRA keys (`*_lora.up.weight`) inside its ip_adapter group.
+KINDS: tuple[Kind, ...] = (UNION, IP_ADAPTER, CONTROL_LORA, LLLITE, T2I_ADAPTER, CONTROLNET)
 
 __all__ = ["KINDS", "Kind", "RESIDUALS", "ENCODER_FEATURES", "ATTENTION", "FileKeys", "file_keys", "kind_of_keys",
            "kind_of_file", "kind_of_model", "load_control_model", "other_kind_of_keys", "AttentionCall"]

@@ -56,6 +56,7 @@ class AttentionCall:
     selection: object         # those rows in the UNet's batch: a slice, or a LongTensor of row indices
     scale: float
     mask: object = None       # (N images, 1, H, W) in [0, 1] where the unit acts, or None
+    cond: tuple = ()          # for each row of the UNet's batch, whether it is conditional (IP-Adapter's tokens)
 
 
 class Kind:
@@ -93,6 +94,14 @@ class Kind:
     def embed(self, model, hint):
         """The per-image conditioning of `hint` (N, 3, H, W) in [0, 1], computed once per job and size."""
         raise NotImplementedError
+
+    # True: the unit's images together make one conditioning (IP-Adapter's multi-inputs), not one per batch image
+    averages_images: bool = False
+
+    def embed_unit(self, prepared, width: int, height: int):
+        """The unit's conditioning for the job at this size: `embed` of its hints, unless the kind reads the unit
+        itself (its preprocessor, its images as given)."""
+        return self.embed(prepared.model, prepared.hint(width, height))
 
     def attach(self, model, modules: dict, current) -> list:
         """Hook `model` onto the UNet's layers (`modules`: ldm name -> module); each hook reads `current()`, the

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lib_controlnet.models.errors import ModelFileError
-from lib_controlnet.models.kinds.base import ATTENTION, RESIDUALS, FileKeys, Kind
+from lib_controlnet.models.kinds.base import RESIDUALS, FileKeys, Kind
 
 
 class PendingKind(Kind):
@@ -31,9 +31,4 @@ def _is_union(keys: FileKeys) -> bool:
         (keys.folder_config or {}).get("_class_name") == "ControlNetUnionModel")
 
 
-def _is_ip_adapter(keys: FileKeys) -> bool:
-    return bool({"image_proj", "ip_adapter"} & set(keys.nested)) or keys.any_startswith("image_proj.", "ip_adapter.")
-
-
 UNION = PendingKind("ControlNet-Union", RESIDUALS, _is_union)
-IP_ADAPTER = PendingKind("IP-Adapter", ATTENTION, _is_ip_adapter)
