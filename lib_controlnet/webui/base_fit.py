@@ -64,5 +64,6 @@ def _other_kind_mismatch(model_name: str, arch) -> Optional[str]:
     if made_for is None or made_for in arch.controlnet_bases or made_for not in ARCHITECTURES:
         return None
     label = ARCHITECTURES[made_for].label
-    return (f"'{model_name}' is a {kind.name} for {label} and the loaded checkpoint is {arch.label}: "
-            f"pick a {kind.name} made for {arch.label}, or load an {label} checkpoint.")
+    a = "an" if kind.name[:1].upper() in "AEIOU" else "a"  # an IP-Adapter, a ControlNet
+    return (f"'{model_name}' is {a} {kind.name} for {label} and the loaded checkpoint is {arch.label}: "
+            f"pick {a} {kind.name} made for {arch.label}, or load an {label} checkpoint.")
