@@ -69,7 +69,13 @@ def _variant(include_body: bool, include_hand: bool, include_face: bool):
         poses = detect(img, include_body, include_hand, include_face)
         return draw(poses, img.shape[0], img.shape[1], include_body, include_hand, include_face)
 
+    def map_and_json(img: np.ndarray) -> tuple[np.ndarray, dict]:
+        poses = detect(img, include_body, include_hand, include_face)
+        h, w = img.shape[:2]
+        return draw(poses, h, w, include_body, include_hand, include_face), pose_json(poses, h, w)
+
     annotate.flags = (include_body, include_hand, include_face)
+    annotate.with_json = map_and_json  # what preprocess.run_pose calls: the map plus its keypoints
     return annotate
 
 

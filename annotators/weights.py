@@ -69,6 +69,9 @@ WEIGHTS: dict[str, WeightFile] = {w.filename: w for w in (
     WeightFile("body_pose_model.pth", "openpose"),
     WeightFile("hand_pose_model.pth", "openpose"),
     WeightFile("facenet.pth", "openpose"),
+    WeightFile("yolox_l.onnx", "openpose", repo="yzd-v/DWPose"),
+    WeightFile("dw-ll_ucoco_384.onnx", "openpose", repo="yzd-v/DWPose"),
+    WeightFile("rtmpose-m_ap10k_256.onnx", "openpose", repo="hr16/UnJIT-DWPose"),
     # Segmentation runs transformers models: a folder holding config.json and the weights
     # (save_pretrained output of openmmlab/upernet-convnext-small or shi-labs/oneformer_ade20k_swin_tiny).
     WeightFile("upernet-convnext-small", "segmentation", repo="openmmlab/upernet-convnext-small"),
@@ -96,7 +99,7 @@ def _download(spec: WeightFile, root: Path) -> Path:
     target = root / spec.family
     target.mkdir(parents=True, exist_ok=True)
     try:
-        if spec.filename.endswith((".pth", ".pt")):
+        if spec.filename.endswith((".pth", ".pt", ".onnx")):  # single files; else a model folder
             path = huggingface_hub.hf_hub_download(spec.repo, spec.repo_path or spec.filename, local_dir=target)
             final = target / spec.filename
             if Path(path) != final:

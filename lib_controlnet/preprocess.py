@@ -129,6 +129,8 @@ REGISTRY: tuple[Preprocessor, ...] = (
     _p("openpose_faceonly", "openpose_faceonly", "OpenPose", "annotators.pose:openpose_faceonly", model_free=False),
     _p("openpose_full", "openpose_full", "OpenPose", "annotators.pose:openpose_full", model_free=False),
     _p("openpose_hand", "openpose_hand", "OpenPose", "annotators.pose:openpose_hand", model_free=False),
+    _p("dw_openpose_full", "dw_openpose_full", "OpenPose", "annotators.dwpose:dw_openpose_full", model_free=False),
+    _p("animal_openpose", "animal_openpose", "OpenPose", "annotators.dwpose:animal_openpose", model_free=False),
     _p("lineart", "lineart_realistic", "Lineart", "annotators.lineart:realistic", model_free=False, pad_multiple=8),
     _p("lineart_coarse", "lineart_coarse", "Lineart", "annotators.lineart:coarse", model_free=False, pad_multiple=8),
     _p("lineart_anime", "lineart_anime", "Lineart", "annotators.lineart:anime", model_free=False),
@@ -445,16 +447,13 @@ def run_batch(name: str, images_in: Sequence[Any], resolution: Optional[int] = N
 
 
 def run_pose(name: str, image: Any, resolution: Optional[int] = None) -> tuple[np.ndarray, dict]:
-    """An OpenPose preprocessor's map plus its keypoints as OpenPose JSON (canvas = the map's size)."""
+    """A pose preprocessor's map plus its keypoints as JSON (canvas = the map's size): OpenPose JSON for people,
+    the other WebUI ControlNet extension's AP-10K JSON for animals. Pose annotators say so by a `with_json`."""
     pre = get_preprocessor(name)
-    fn = pre.function()
-    flags = getattr(fn, "flags", None)
-    if flags is None:
+    with_json = getattr(pre.function(), "with_json", None)
+    if with_json is None:
         raise PreprocessorError(f"{pre.label} does not detect poses; use one of the openpose preprocessors.")
-    from annotators import pose
-
     params = make_params(pre, resolution)
     img, _ = _prepare(pre, _as_rgb(image), params)
-    poses = pose.detect(img, *flags)
-    canvas = pose.draw(poses, img.shape[0], img.shape[1], *flags)
-    return _finish(canvas, None), pose.pose_json(poses, img.shape[0], img.shape[1])
+    canvas, keypoints = with_json(img)
+    return _finish(canvas, None), keypoints
