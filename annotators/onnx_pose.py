@@ -85,22 +85,21 @@ def _letterbox(img: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, floa
     return batch, ratio
 
 
-def _nms(boxes: np.ndarray, scores: np.ndarray) -> list[int]:
-    """Greedy NMS (pixel-inclusive areas, as the pipeline counts them), from one IoU matrix."""
-    order = np.argsort(scores)[::-1]
-    boxes = boxes[order]
+def _nms(boxes: np.ndarray) -> list[int]:
+    """Greedy NMS over boxes in priority order (pixel-inclusive areas, as the pipeline counts them), from one IoU
+    matrix; the positions kept."""
     x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
     areas = (x2 - x1 + 1) * (y2 - y1 + 1)
     w = np.maximum(0.0, np.minimum(x2[:, None], x2[None]) - np.maximum(x1[:, None], x1[None]) + 1)
     h = np.maximum(0.0, np.minimum(y2[:, None], y2[None]) - np.maximum(y1[:, None], y1[None]) + 1)
     inter = w * h
     overlap = inter / (areas[:, None] + areas[None] - inter)
-    suppressed = np.zeros(len(order), dtype=bool)
+    suppressed = np.zeros(len(boxes), dtype=bool)
     keep = []
-    for i in range(len(order)):
+    for i in range(len(boxes)):
         if suppressed[i]:
             continue
-        keep.append(int(order[i]))
+        keep.append(i)
         suppressed[i + 1:] |= overlap[i, i + 1:] > _NMS_IOU
     return keep
 
@@ -121,12 +120,14 @@ def detect_boxes(sess, img: np.ndarray, classes: Sequence[int]) -> np.ndarray | 
     corners /= ratio
     found = []
     for cls in sorted(classes):
-        # boxes at or below 0.3 may suppress only boxes scoring lower still, which are dropped anyway: NMS over
-        # the boxes above 0.3 keeps exactly the boxes the pipeline's NMS over 0.1 keeps and then filters
         score = objectness * raw[:, 5 + cls]
-        chosen = np.flatnonzero(score > _BOX_SCORE)
-        if chosen.size:
-            found.append(corners[chosen][_nms(corners[chosen], score[chosen])])
+        candidates = np.flatnonzero(score > _CANDIDATE_SCORE)
+        # the pipeline's order: the same arg-sort of the same candidates (equal scores, common where a sigmoid
+        # saturates, keep its order); confident boxes lead it, and only they survive, so NMS runs on them alone
+        order = candidates[np.argsort(score[candidates])[::-1]]
+        order = order[score[order] > _BOX_SCORE]
+        if order.size:
+            found.append(corners[order][_nms(corners[order])])
     if not found:
         return np.zeros((0, 4))
     return np.concatenate(found).astype(np.float64)
