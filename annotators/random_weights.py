@@ -88,6 +88,12 @@ def _face():
     return aux_module("open_pose.face").FaceNet().state_dict()
 
 
+def _manga_line():
+    from annotators import manga_line
+
+    return manga_line.network().state_dict()
+
+
 BUILDERS: dict[str, Callable[[], dict]] = {
     "ControlNetHED.pth": _hed,
     "table5_pidinet.pth": _pidinet,
@@ -96,6 +102,7 @@ BUILDERS: dict[str, Callable[[], dict]] = {
     "sk_model.pth": _lineart,
     "sk_model2.pth": _lineart,
     "netG.pth": _lineart_anime,
+    "erika.pth": _manga_line,
     "dpt_hybrid-midas-501f0c75.pt": _midas,
     "res101.pth": _leres_depth,
     "latest_net_G.pth": _leres_pix2pix,

@@ -160,12 +160,14 @@ def _pidinet_network():
     return prepare(_convert_pidinet(detector.netNetwork))
 
 
-def _pidinet(images, safe: bool):
+def _pidinet(images, safe: bool, sketch: bool = False):
     net = load_once("pidinet", _pidinet_network)
     with inference(low_precision=True):
         edge = net(to_batch(images, scale=1.0 / 255.0, bgr=True))[-1][:, 0].float()
         if safe:
             edge = _safe_step(edge, 2)
+        if sketch:  # the T2I-Adapter sketch model's input: edges above one half, binary
+            edge = (edge > 0.5).float()
         return to_uint8(edge.mul_(255.0))
 
 
@@ -181,7 +183,12 @@ def _scribble_pidinet(images, p: Params):
     return [_scribble(edge) for edge in _pidinet(images, safe=False)]
 
 
+def _pidinet_sketch(images, p: Params):
+    return _pidinet(images, safe=False, sketch=True)
+
+
 pidinet = batchable(_pidinet_plain)
+pidinet_sketch = batchable(_pidinet_sketch)
 pidinet_safe = batchable(_pidinet_safe)
 scribble_pidinet = batchable(_scribble_pidinet)
 

@@ -61,6 +61,7 @@ WEIGHTS: dict[str, WeightFile] = {w.filename: w for w in (
     WeightFile("sk_model.pth", "lineart"),
     WeightFile("sk_model2.pth", "lineart"),
     WeightFile("netG.pth", "lineart_anime"),
+    WeightFile("erika.pth", "manga_line"),
     WeightFile("dpt_hybrid-midas-501f0c75.pt", "midas"),
     WeightFile("res101.pth", "leres"),
     WeightFile("latest_net_G.pth", "leres"),

@@ -1,0 +1,97 @@
+"""The smaller modules users of the other WebUI ControlNet extension know: lineart_anime_denoise (the manga line
+network, erika.pth), t2ia_sketch_pidi (PiDiNet edges above one half) and binary; each through preprocess.run on
+random weights saved under the real file names, against a reference."""
+import cv2
+import numpy as np
+import pytest
+import skimage.data
+import torch
+
+from annotators import manga_line, random_weights, runtime
+from annotators.runtime import aux_module
+from lib_controlnet import preprocess
+from lib_controlnet.settings import get_settings, update_settings
+
+IMAGE = cv2.resize(skimage.data.astronaut(), (72, 64), interpolation=cv2.INTER_AREA)
+
+
+@pytest.fixture(scope="module")
+def weights_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("small")
+    random_weights.write(directory, ["table5_pidinet.pth"])
+    torch.manual_seed(0)
+    state = manga_line.network().state_dict()
+    # as copies saved from nn.DataParallel hold it: `module.` before every key
+    torch.save({f"module.{k}": v for k, v in state.items()}, directory / "erika.pth")
+    saved = get_settings().annotator_models_path, get_settings().annotator_precision
+    update_settings(annotator_models_path=directory, annotator_precision="float32")
+    runtime.unload_all()
+    yield directory
+    update_settings(annotator_models_path=saved[0], annotator_precision=saved[1])
+    runtime.unload_all()
+
+
+def test_manga_line_network_has_the_released_key_layout():
+    keys = manga_line.network().state_dict()
+    # names the released erika.pth uses (the published network's module tree): stages of blocks, pre-activation
+    # convolutions (norm 0, conv 2), 1x1 projections where a block changes shape
+    for key in ("block0.model.0.conv1.model.0.running_var", "block0.model.0.shortcut.model.0.weight",
+                "block1.model.2.conv1.model.2.weight", "block4.model.11.residual.model.2.bias",
+                "block5.model.0.shortcut.model.0.weight", "block8.model.1.residual.model.0.weight",
+                "block9.model.1.conv1.model.2.weight", "conv15.model.2.weight"):
+        assert key in keys, key
+    assert not any(k.startswith("res") for k in keys)  # the skip additions hold no weights
+    assert keys["block4.model.11.residual.model.2.weight"].shape == (384, 384, 3, 3)
+    assert keys["block5.model.0.conv1.model.2.weight"].shape == (192, 384, 3, 3)
+
+
+def test_lineart_anime_denoise_equals_the_plain_network(weights_dir):
+    ours = preprocess.run("lineart_anime_denoise", IMAGE, resolution=64, use_cache=False)
+    # reference: grey (OpenCV's weights), edge-padded to multiples of 64, the network as published, 255 - lines
+    state = torch.load(weights_dir / "erika.pth", weights_only=True)
+    net = manga_line.network()
+    net.load_state_dict({k[len("module."):]: v for k, v in state.items()})
+    grey = cv2.cvtColor(IMAGE, cv2.COLOR_RGB2GRAY)
+    padded = np.pad(grey, ((0, 0), (0, 128 - 72)), mode="edge")
+    with torch.no_grad():
+        lines = net.eval()(torch.from_numpy(padded).float()[None, None])[0, 0].numpy()
+    expected = (255 - lines).clip(0, 255).astype(np.uint8)[:, :72]
+    assert ours.shape == (64, 72, 3)
+    diff = np.abs(ours[..., 0].astype(int) - expected)
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-2, (diff.max(), (diff > 0).mean())
+    assert len(np.unique(ours)) > 2  # the map is not one flat value
+
+
+def test_t2ia_sketch_pidi_equals_controlnet_aux(weights_dir):
+    detector = aux_module("pidi").PidiNetDetector.from_pretrained(str(weights_dir))
+    square = cv2.resize(IMAGE, (64, 64))
+    theirs = detector(square, detect_resolution=64, image_resolution=64, output_type="np", apply_filter=True)
+    ours = preprocess.run("t2ia_sketch_pidi", square, resolution=64, use_cache=False)
+    assert set(np.unique(ours)) <= {0, 255}
+    diff = ours != theirs
+    assert diff.mean() < 2e-3, diff.mean()  # a value right at one half may land either side in another sum order
+
+
+def test_binary_marks_dark_strokes_by_otsu_or_the_slider():
+    drawing = np.full((64, 80, 3), 240, np.uint8)
+    cv2.line(drawing, (5, 5), (70, 50), (20, 20, 20), 3)
+    drawing[40:60, 5:20] = 150  # mid grey: a stroke below threshold 200, paper above threshold 100
+    grey = cv2.cvtColor(drawing, cv2.COLOR_RGB2GRAY)
+    otsu = preprocess.run("binary", drawing, resolution=64, use_cache=False)
+    assert np.array_equal(otsu[..., 0], cv2.threshold(grey, 0, 255, cv2.THRESH_BINARY_INV + cv2.THRESH_OTSU)[1])
+    assert otsu[5, 5].tolist() == [255, 255, 255] and otsu[2, 60].tolist() == [0, 0, 0]
+    for threshold, grey_patch in ((200, 255), (100, 0)):
+        fixed = preprocess.run("binary", drawing, resolution=64, threshold_a=threshold, use_cache=False)
+        assert fixed[50, 10, 0] == grey_patch and fixed[5, 5, 0] == 255 and fixed[2, 60, 0] == 0
+    assert np.array_equal(preprocess.run("binary", drawing, resolution=64, threshold_a=255, use_cache=False), otsu)
+
+
+def test_registry_lists_them_with_their_sliders_and_types():
+    detail = preprocess.module_detail(alias_names=True)
+    assert detail["binary"]["sliders"][1] == {"name": "Binary threshold", "value": 0, "min": 0, "max": 255,
+                                              "step": 1}
+    assert preprocess.get_preprocessor("binary").model_free
+    assert detail["lineart_anime_denoise"]["needs_weights"]
+    assert "lineart_anime_denoise" in preprocess.control_types()["Lineart"]["module_list"]
+    assert "t2ia_sketch_pidi" in preprocess.control_types()["T2I-Adapter"]["module_list"]
+    assert preprocess.get_preprocessor("pidinet_sketch").label == "t2ia_sketch_pidi"
