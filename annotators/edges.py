@@ -1,5 +1,4 @@
-"""Model-free edge and line maps (OpenCV/NumPy): canny, invert, threshold, binary, blur, XDoG scribble, standard
-lineart."""
+"""Model-free edge and line maps (OpenCV/NumPy): canny, invert, threshold, blur, XDoG scribble, standard lineart."""
 from __future__ import annotations
 
 import cv2
@@ -21,15 +20,6 @@ def invert(img: np.ndarray, p: Params) -> np.ndarray:
 def threshold(img: np.ndarray, p: Params) -> np.ndarray:
     """White where every channel is above the threshold, black elsewhere."""
     return np.where(channel_min(img) > p.threshold_a, 255, 0).astype(np.uint8)
-
-
-def binary(img: np.ndarray, p: Params) -> np.ndarray:
-    """Dark strokes -> white on black: grey at or below the threshold is a stroke; 0 or 255 picks the threshold
-    by Otsu's method (the old `binary` module users of the other WebUI ControlNet extension know)."""
-    grey = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
-    if p.threshold_a in (0, 255):
-        return cv2.threshold(grey, 0, 255, cv2.THRESH_BINARY_INV + cv2.THRESH_OTSU)[1]
-    return cv2.threshold(grey, int(p.threshold_a), 255, cv2.THRESH_BINARY_INV)[1]
 
 
 def blur_gaussian(img: np.ndarray, p: Params) -> np.ndarray:

@@ -172,7 +172,6 @@ REGISTRY: tuple[Preprocessor, ...] = (
        threshold_a=GAMMA),
     _p("threshold", "threshold", "All", f"{_E}:threshold",
        threshold_a=Slider("Binarization Threshold", 0, 255, 127, 1)),
-    _p("binary", "binary", "All", f"{_E}:binary", threshold_a=Slider("Binary threshold", 0, 255, 0, 1)),
     _p("inpaint", "inpaint_global_harmonious", "Inpaint", "annotators.inpaint:inpaint", resolution=None),
     _p("inpaint_only", "inpaint_only", "Inpaint", "annotators.inpaint:inpaint", resolution=None),
     # Image prompts: the map is the image itself; its CLIP encoding is made once per job by the controller.

@@ -1,6 +1,6 @@
 """The smaller modules users of the other WebUI ControlNet extension know: lineart_anime_denoise (the manga line
-network, erika.pth), t2ia_sketch_pidi (PiDiNet edges above one half) and binary; each through preprocess.run on
-random weights saved under the real file names, against a reference."""
+network, erika.pth) and t2ia_sketch_pidi (PiDiNet edges above one half), each through preprocess.run on random
+weights saved under the real file names, against a reference."""
 import cv2
 import numpy as np
 import pytest
@@ -72,25 +72,8 @@ def test_t2ia_sketch_pidi_equals_controlnet_aux(weights_dir):
     assert diff.mean() < 2e-3, diff.mean()  # a value right at one half may land either side in another sum order
 
 
-def test_binary_marks_dark_strokes_by_otsu_or_the_slider():
-    drawing = np.full((64, 80, 3), 240, np.uint8)
-    cv2.line(drawing, (5, 5), (70, 50), (20, 20, 20), 3)
-    drawing[40:60, 5:20] = 150  # mid grey: a stroke below threshold 200, paper above threshold 100
-    grey = cv2.cvtColor(drawing, cv2.COLOR_RGB2GRAY)
-    otsu = preprocess.run("binary", drawing, resolution=64, use_cache=False)
-    assert np.array_equal(otsu[..., 0], cv2.threshold(grey, 0, 255, cv2.THRESH_BINARY_INV + cv2.THRESH_OTSU)[1])
-    assert otsu[5, 5].tolist() == [255, 255, 255] and otsu[2, 60].tolist() == [0, 0, 0]
-    for threshold, grey_patch in ((200, 255), (100, 0)):
-        fixed = preprocess.run("binary", drawing, resolution=64, threshold_a=threshold, use_cache=False)
-        assert fixed[50, 10, 0] == grey_patch and fixed[5, 5, 0] == 255 and fixed[2, 60, 0] == 0
-    assert np.array_equal(preprocess.run("binary", drawing, resolution=64, threshold_a=255, use_cache=False), otsu)
-
-
 def test_registry_lists_them_with_their_sliders_and_types():
     detail = preprocess.module_detail(alias_names=True)
-    assert detail["binary"]["sliders"][1] == {"name": "Binary threshold", "value": 0, "min": 0, "max": 255,
-                                              "step": 1}
-    assert preprocess.get_preprocessor("binary").model_free
     assert detail["lineart_anime_denoise"]["needs_weights"]
     assert "lineart_anime_denoise" in preprocess.control_types()["Lineart"]["module_list"]
     assert "t2ia_sketch_pidi" in preprocess.control_types()["T2I-Adapter"]["module_list"]
