@@ -1,12 +1,14 @@
 """WebUI install hook: installs what requirements.txt lists and the WebUI's venv lacks, and nothing more.
 
-Three rules, each for a way an extension installer breaks a WebUI:
+Four rules, each for a way an extension installer breaks a WebUI:
 - Every package the WebUI already has (torch, torchvision, numpy, gradio, ...) is held at the installed version,
   so pip can add our dependencies but never swap the user's torch or break the WebUI's pins.
 - One OpenCV. opencv-python, opencv-python-headless and the two contrib builds all install the same `cv2/`
   folder; with two of them installed, uninstalling either one deletes files of the other and `import cv2`
   breaks. Any installed OpenCV distribution satisfies our cv2 requirement (and is held), and a dependency's
   wish for another one (controlnet-aux and img2dataset ask for the headless build) is left out.
+- One onnxruntime likewise: an installed GPU (or DirectML, OpenVINO, ...) build satisfies our onnxruntime
+  requirement and is held, never joined by the CPU build, which would overwrite its files.
 - Nothing the extension never imports. img2dataset declares wandb (and through it sentry-sdk and GitPython)
   for a logging option we never turn on; those telemetry clients stay out of the user's venv.
 
@@ -32,6 +34,11 @@ HOST_OWNED = ("torch", "torchvision", "numpy", "gradio", "fastapi", "httpx", "py
               "accelerate", "safetensors", "Pillow", "huggingface_hub", "protobuf", "open-clip-torch")
 # Distributions that all install the same cv2/ package: any one of them is OpenCV.
 OPENCV = ("opencv-python", "opencv-python-headless", "opencv-contrib-python", "opencv-contrib-python-headless")
+# Builds of one importable package under other names (GPU, DirectML, OpenVINO, ...): an installed one satisfies
+# the requirement and is held; adding the plain build would overwrite its files (a CUDA onnxruntime-gpu, which
+# face-swap and background-removal extensions install, would silently turn into the CPU build).
+SAME_PACKAGE = {"onnxruntime": ("onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino",
+                                "onnxruntime-rocm", "onnxruntime-silicon")}
 # Declared by a dependency, imported by no code path of ours. wandb: img2dataset imports it at module level but
 # calls it only with enable_wandb=True, which we never pass (dataset/engine.py stands in for an absent one).
 NEVER_IMPORTED = ("wandb",)
@@ -56,12 +63,19 @@ def installed_opencv(have: dict[str, str]) -> str | None:
     return next((name for name in OPENCV if name in have), None)
 
 
+def installed_build(name: str, have: dict[str, str]) -> str | None:
+    """The installed other build of `name` (SAME_PACKAGE), if any."""
+    return next((build for build in SAME_PACKAGE.get(name, ()) if build in have), None)
+
+
 def missing_requirements(requirements: list[Requirement], have: dict[str, str]) -> list[Requirement]:
     missing = []
     for requirement in requirements:
         name = canonicalize_name(requirement.name)
         if name in OPENCV and installed_opencv(have):
             continue  # any OpenCV distribution provides cv2; a second one would share (and later break) cv2/
+        if installed_build(name, have):
+            continue
         version = have.get(name)
         if version is None or (requirement.specifier and not requirement.specifier.contains(version, prereleases=True)):
             missing.append(requirement)
@@ -73,6 +87,7 @@ def host_constraints(have: dict[str, str]) -> list[str]:
     opencv = installed_opencv(have)
     if opencv:
         names.append(opencv)  # the WebUI's OpenCV stays the one it installed
+    names += [build for builds in SAME_PACKAGE.values() for build in builds if build in have]
     lines = [f"{name}=={have[name]}" for name in names if name in have]
     if "numpy" not in have:
         lines.append("numpy<2")
@@ -84,7 +99,8 @@ def left_out(have: dict[str, str], requirements: list[Requirement]) -> set[str]:
     requirements.txt names), and what we never import."""
     keep = installed_opencv(have) or next((canonicalize_name(r.name) for r in requirements
                                            if canonicalize_name(r.name) in OPENCV), OPENCV[1])
-    return {name for name in OPENCV if name != keep} | set(NEVER_IMPORTED)
+    others = {name for name in SAME_PACKAGE if installed_build(name, have)}
+    return {name for name in OPENCV if name != keep} | set(NEVER_IMPORTED) | others
 
 
 def installed_requires(name: str) -> list[str]:

@@ -168,3 +168,24 @@ def test_the_download_engine_loads_img2dataset_in_a_venv_without_wandb(tmp_path)
     result = subprocess.run([sys.executable, "-S", "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "refused: wandb.log: wandb is not installed" in result.stdout
+
+
+def test_an_installed_gpu_onnxruntime_is_held_and_never_joined_by_the_cpu_build():
+    """onnxruntime-gpu (or DirectML, ...) installs the same onnxruntime/ package the CPU build does: with one
+    present, our onnxruntime requirement is met, the build is held at its version, and a dependency asking for
+    the CPU build does not get it."""
+    requirements = install.read_requirements(ROOT / "requirements.txt")
+    assert "onnxruntime" in {canonicalize_name(r.name) for r in requirements}
+    bare = {canonicalize_name(r.name) for r in install.missing_requirements(requirements, {"numpy": "1.26.2"})}
+    assert "onnxruntime" in bare  # a venv without any build gets the plain one
+    have = {"onnxruntime-gpu": "1.17.1", "numpy": "1.26.2"}
+    missing = {canonicalize_name(r.name) for r in install.missing_requirements(requirements, have)}
+    assert "onnxruntime" not in missing
+    assert "onnxruntime-gpu==1.17.1" in install.host_constraints(have)
+    report = {"install": [
+        {"metadata": {"name": "some-tool", "version": "1.0", "requires_dist": ["onnxruntime>=1.16"]}},
+        {"metadata": {"name": "onnxruntime", "version": "1.26.0", "requires_dist": ["flatbuffers"]}},
+        {"metadata": {"name": "flatbuffers", "version": "25.1", "requires_dist": []}}]}
+    chosen = install.select(report, [Requirement("some-tool")], install.left_out(have, requirements),
+                            requires_of=lambda name: [])
+    assert chosen == ["some-tool==1.0"]
