@@ -40,7 +40,10 @@ NEURAL = {"softedge_hed": ("hed", "HEDdetector", {}),
           "lineart_realistic": ("lineart", "LineartDetector", {}),
           "softedge_teed": ("teed", "TEEDdetector", {"filename": "7_model.pth"}),
           "lineart_anime": ("lineart_anime", "LineartAnimeDetector", {}),
-          "mlsd": ("mlsd", "MLSDdetector", {})}
+          "mlsd": ("mlsd", "MLSDdetector", {}),
+          "t2ia_sketch_pidi": ("pidi", "PidiNetDetector", {})}
+# what controlnet-aux's call needs to give the same map as ours, where its defaults differ
+AUX_CALL = {"t2ia_sketch_pidi": {"apply_filter": True}}
 QUICK_NEURAL = ["softedge_hed", "softedge_pidinet", "lineart_realistic"]
 # --heavy: the large networks (minutes per round; Zoe alone takes about 18 s a map on two cores)
 HEAVY = {"depth_midas": ("midas", "MidasDetector", {}),
@@ -130,7 +133,9 @@ def _aux_call(name: str, args, device=None):
         detector.model.eval()  # controlnet-aux leaves it in training mode: compare the same computation
     if name in ("lineart_standard", "softedge_teed"):  # no image_resolution argument
         return lambda im: detector(im, detect_resolution=args.size, output_type="np")
-    return lambda im: detector(im, detect_resolution=args.size, image_resolution=args.size, output_type="np")
+    extra = AUX_CALL.get(name, {})
+    return lambda im: detector(im, detect_resolution=args.size, image_resolution=args.size, output_type="np",
+                               **extra)
 
 
 def _time_paired(ours, aux, images, reps: int) -> tuple[float, float]:
