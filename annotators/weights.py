@@ -100,7 +100,7 @@ def _download(spec: WeightFile, root: Path) -> Path:
     target = root / spec.family
     target.mkdir(parents=True, exist_ok=True)
     try:
-        if spec.filename.endswith((".pth", ".pt", ".onnx")):  # single files; else a model folder
+        if spec.filename.endswith((".pth", ".pt")):
             path = huggingface_hub.hf_hub_download(spec.repo, spec.repo_path or spec.filename, local_dir=target)
             final = target / spec.filename
             if Path(path) != final:
