@@ -266,7 +266,7 @@ def _detect(request: DetectRequest) -> dict:
     threshold_a = None if request.controlnet_threshold_a == -1 else request.controlnet_threshold_a
     threshold_b = None if request.controlnet_threshold_b == -1 else request.controlnet_threshold_b
     resolution = None if res == -1 else res  # None: the module's default
-    is_pose = catalog.get_preprocessor(module).name.startswith("openpose")
+    is_pose = preprocess.detects_poses(module)
     maps, poses = [], []
     for i, image in enumerate(decoded):
         try:

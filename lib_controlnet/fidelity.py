@@ -102,6 +102,10 @@ def _people(pose: Optional[dict]) -> list[np.ndarray]:
         points = np.asarray(flat, dtype=np.float64).reshape(-1, 3)
         if len(points) and (points[:, 2] > 0).any():
             people.append(points)
+    for animal in (pose or {}).get("animals", []):  # animal_openpose's AP-10K JSON: [x, y, score] per keypoint
+        points = np.asarray(animal, dtype=np.float64).reshape(-1, 3)
+        if len(points) and (points[:, 2] > 0).any():
+            people.append(points)
     return people
 
 

@@ -450,6 +450,11 @@ def run_batch(name: str, images_in: Sequence[Any], resolution: Optional[int] = N
     return results  # type: ignore[return-value]
 
 
+def detects_poses(name: str) -> bool:
+    """Whether the preprocessor also gives keypoints (run_pose): its annotator says so by a `with_json`."""
+    return hasattr(get_preprocessor(name).function(), "with_json")
+
+
 def run_pose(name: str, image: Any, resolution: Optional[int] = None) -> tuple[np.ndarray, dict]:
     """A pose preprocessor's map plus its keypoints as JSON (canvas = the map's size): OpenPose JSON for people,
     the other WebUI ControlNet extension's AP-10K JSON for animals. Pose annotators say so by a `with_json`."""

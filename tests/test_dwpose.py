@@ -155,3 +155,48 @@ def test_missing_and_broken_files_are_one_sentence(onnx_dir, tmp_path):
     finally:
         update_settings(annotator_models_path=onnx_dir)
         unload_all()
+
+
+def test_http_detect_answers_the_keypoints_and_fidelity_reads_them(onnx_dir):
+    """POST /controlnet/detect over real HTTP (uvicorn on 127.0.0.1) returns `poses` for both modules, as the
+    other extension's route does for its openpose modules; the fidelity score reads both JSON kinds."""
+    import base64
+    import io
+    import socket
+    import threading
+    import time
+
+    import requests
+    import uvicorn
+    from fastapi import FastAPI
+    from PIL import Image
+
+    from lib_controlnet import api, fidelity
+
+    app = FastAPI()
+    api.register_routes(app)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    buffer = io.BytesIO()
+    Image.fromarray(_scene()).save(buffer, format="PNG")
+    image = base64.b64encode(buffer.getvalue()).decode()
+    try:
+        for module, key in (("dw_openpose_full", "people"), ("animal_openpose", "animals")):
+            answer = requests.post(f"http://127.0.0.1:{port}/controlnet/detect", timeout=120, json={
+                "controlnet_module": module, "controlnet_input_images": [image],
+                "controlnet_processor_res": 512}).json()
+            poses = answer["poses"][0]
+            assert len(poses[key]) >= 1 and len(answer["images"]) == 1, answer.get("detail")
+            same = fidelity.Observation(np.zeros((8, 8, 3), np.uint8), poses)
+            assert fidelity.pose_pck(same, same) == 1.0
+            assert fidelity.pose_pck(same, fidelity.Observation(same.map, {key: []})) == 0.0
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
