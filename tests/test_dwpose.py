@@ -5,6 +5,7 @@ The reference (dwpose_reference.py) is the published pipeline written out plainl
 dwpose needs mmpose/mmdet, which do not install beside the WebUI's pins.
 """
 import json
+import sys
 
 import cv2
 import numpy as np
@@ -138,7 +139,7 @@ def test_cli_writes_the_map_and_the_openpose_json(onnx_dir, tmp_path):
     assert len(people) >= 2 and cv2.imread(str(out)).any()
 
 
-def test_missing_and_broken_files_are_one_sentence(onnx_dir, tmp_path):
+def test_missing_and_broken_files_are_one_sentence(onnx_dir, tmp_path, monkeypatch):
     update_settings(annotator_models_path=tmp_path)
     try:
         with pytest.raises(AnnotatorWeightsError) as missing:
@@ -152,6 +153,12 @@ def test_missing_and_broken_files_are_one_sentence(onnx_dir, tmp_path):
         (tmp_path / random_onnx.ANIMAL).write_bytes(b"<html>not a model</html>")
         with pytest.raises(AnnotatorWeightsError, match="is not a readable ONNX model .*replace it"):
             preprocess.run("animal_openpose", _scene(), use_cache=False)
+        unload_all()
+        with monkeypatch.context() as patch:
+            patch.setitem(sys.modules, "onnxruntime", None)  # what a venv without it raises on import
+            with pytest.raises(AnnotatorWeightsError, match="yolox_l.onnx runs through onnxruntime, which is not "
+                                                            "installed: pip install onnxruntime"):
+                preprocess.run("dw_openpose_full", _scene(), use_cache=False)
     finally:
         update_settings(annotator_models_path=onnx_dir)
         unload_all()
