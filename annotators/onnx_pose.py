@@ -163,8 +163,6 @@ def keypoints(sess, img: np.ndarray, boxes: np.ndarray, fallback_hw: tuple[int, 
     w, h = scales[:, :1], scales[:, 1:]
     scales = np.where(w > h * aspect, np.hstack([w, w / aspect]), np.hstack([h * aspect, h]))
     matrices = [_crop_matrix(center, scale[0], out_w, out_h) for center, scale in zip(centers, scales)]
-    locs = np.empty((len(boxes), 0, 2), dtype=np.float32)
-    scores = np.empty((len(boxes), 0), dtype=np.float32)
     per_run = _boxes_per_run(sess, len(boxes))
     batch = np.empty((per_run, 3, out_h, out_w), dtype=np.float32)  # reused: one buffer, however many boxes
     name = sess.get_inputs()[0].name
