@@ -33,6 +33,12 @@ def controlnet_residuals(model, sample: torch.Tensor, timestep, context: torch.T
 
     `embedded_hint` must already match the rows of `sample` (broadcasting a single image is fine).
     """
+    h = model.conv_in(sample) + embedded_hint
+    return encoder_residuals(model, h, time_embedding(model, sample, timestep, y), context)
+
+
+def time_embedding(model, sample: torch.Tensor, timestep, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The time embedding of a batch of rows, plus SDXL's added embedding of `y`."""
     config = model.config
     if getattr(model, "class_embedding", None) is not None:
         raise NotImplementedError("ControlNets with class embeddings are not supported")
@@ -49,8 +55,13 @@ def controlnet_residuals(model, sample: torch.Tensor, timestep, context: torch.T
         emb = emb + model.add_embedding(y.to(emb.dtype))
     elif config.addition_embed_type is not None:
         raise NotImplementedError(f"addition_embed_type {config.addition_embed_type!r} is not supported")
+    return emb
 
-    h = model.conv_in(sample) + embedded_hint
+
+def encoder_residuals(model, h: torch.Tensor, emb: torch.Tensor,
+                      context: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """From the conditioned input `h` (conv_in(sample) + the hint's part) through the encoder to the residuals."""
+    config = model.config
     skips = [h]
     for block in model.down_blocks:
         if getattr(block, "has_cross_attention", False):

@@ -1,4 +1,4 @@
-"""The registry of control-model kinds: plain ControlNet, T2I-Adapter, and the kinds recognised but not run yet.
+"""The registry of control-model kinds: ControlNet, ControlNet-Union, T2I-Adapter, Control-LoRA, LLLite, IP-Adapter.
 
 Each kind is one module holding one `Kind`: how to recognise its files by their keys (never by file name), how
 to load them, and how it controls the UNet (`control`):
@@ -17,10 +17,10 @@ from lib_controlnet.models.kinds.base import ATTENTION, ENCODER_FEATURES, RESIDU
 from lib_controlnet.models.kinds.base import AttentionCall  # noqa: F401  (ATTENTION kinds' per-call input)
 from lib_controlnet.models.kinds.controlnet import CONTROLNET
 from lib_controlnet.models.kinds.ip_adapter import IP_ADAPTER
-from lib_controlnet.models.kinds.pending import UNION
 from lib_controlnet.models.kinds.control_lora import CONTROL_LORA
 from lib_controlnet.models.kinds.lllite import LLLITE
 from lib_controlnet.models.kinds.t2i_adapter import T2I_ADAPTER
+from lib_controlnet.models.kinds.union import UNION
 
 # Most specific first: a union file also holds ControlNet keys, a Control-LoRA file ControlNet-like ones, an
 # IP-Adapter FaceID file LoRA keys (`*_lora.up.weight`) inside its ip_adapter group.
