@@ -16,6 +16,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from lib_controlnet import control_union
 from lib_controlnet.control_forward import (adapter_features, added_embedding_input, controlnet_residuals,
                                             hint_embedding)
 from lib_controlnet.cpu_convolution import use_fastest_kernels
@@ -104,6 +105,7 @@ class Controller:
         self.units = units if units is not None else prepare_units(job)
         for prepared in self.units:
             use_fastest_kernels(prepared.model)
+        control_union.check_units(self.units)
         self.step = 0
         self.total_steps = max(int(job.steps), 1)
         self.hires_pass = False
@@ -151,7 +153,7 @@ class Controller:
         if not active:
             return None
         total: Optional[Residuals] = None
-        for prepared in active:
+        for prepared, union_group in control_union.groups(active):
             if prepared.unit.control_mode == ControlMode.CONTROL:
                 selection = _select(rows, lambda c: c)  # unconditional rows get zero: skip computing them
                 if selection is None:
@@ -162,7 +164,7 @@ class Controller:
             batch = call.sample.shape[0]
             control = prepared.kind.control
             if control == RESIDUALS:
-                down, mid = self._run_unit(prepared, call, rows, selection)
+                down, mid = self._run_unit(prepared, call, rows, selection, union_group)
                 summed = _accumulate(None if total.down is None else total.down + [total.mid], down + [mid],
                                      selection, batch)
                 total.down, total.mid = summed[:-1], summed[-1]
@@ -194,7 +196,8 @@ class Controller:
         self._cursor = (self._cursor + batch) % len(rows)
         return part
 
-    def _run_unit(self, prepared: PreparedUnit, call: UNetCall, rows: RowLayout, selection):
+    def _run_unit(self, prepared: PreparedUnit, call: UNetCall, rows: RowLayout, selection, union_group=None):
+        """One ControlNet forward, or one union forward for every unit of `union_group` (control_union.groups)."""
         model = prepared.model
         height, width = call.sample.shape[-2] * 8, call.sample.shape[-1] * 8
         with _on_device(model, prepared.unit.low_vram, self.job):
@@ -211,8 +214,14 @@ class Controller:
                 y = added_embedding_input(model, call.text_embeds, call.time_ids)
             if y is not None:
                 y = y[selection]
-            down, mid = controlnet_residuals(model, sample.to(model.dtype), timestep, context.to(model.dtype),
-                                             embedded, y)
+            if union_group is not None:
+                conditions = [embedded] + [_pick(self._embedding(other, width, height), images)
+                                           for other in union_group[1:]]
+                down, mid = control_union.residuals(union_group, sample.to(model.dtype), timestep,
+                                                    context.to(model.dtype), conditions, y)
+            else:
+                down, mid = controlnet_residuals(model, sample.to(model.dtype), timestep, context.to(model.dtype),
+                                                 embedded, y)
         mask = prepared.mask_at(width, height)
         if mask is not None:
             mask = _pick(mask.to(device=mid.device, dtype=mid.dtype), images)

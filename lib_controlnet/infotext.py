@@ -15,13 +15,13 @@ import json
 import re
 from typing import Iterable, Mapping, Optional
 
-from lib_controlnet.unit import ControlUnit, ControlUnitError
+from lib_controlnet.unit import ControlUnit, ControlUnitError, UnionControlType
 
 PREFIX = "ControlNet"
 # Written in this order; the name shown is the field name title-cased ("resize_mode" -> "Resize Mode").
 INFOTEXT_FIELDS = ("module", "model", "weight", "resize_mode", "low_vram", "processor_res", "threshold_a",
                    "threshold_b", "guidance_start", "guidance_end", "pixel_perfect", "control_mode", "hr_option",
-                   "save_detected_map")
+                   "save_detected_map", "union_control_type")
 _INTEGRAL_WHEN_WHOLE = {"processor_res", "threshold_a", "threshold_b"}
 _UNIT_KEY = re.compile(rf"^{PREFIX} (\d+)$")
 
@@ -61,6 +61,8 @@ def unit_to_infotext(unit: ControlUnit) -> str:
         value = getattr(unit, field)
         if value == -1 and field in _INTEGRAL_WHEN_WHOLE:
             continue  # hidden slider: the preprocessor's default applies
+        if value is UnionControlType.UNKNOWN:
+            continue  # only union units name their type; others' infotexts stay as they were
         parts.append(f"{display_name(field)}: {quote(_format_value(field, value))}")
     return ", ".join(parts)
 

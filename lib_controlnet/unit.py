@@ -65,6 +65,22 @@ class HiResFixOption(_NamedEnum):
     HIGH_RES_ONLY = "High res only"
 
 
+class UnionControlType(_NamedEnum):
+    """Which control type a ControlNet-Union model is told it gets (the other WebUI extension's
+    `union_control_type` values; the integer index is the model's task index). Unknown: from the preprocessor's
+    control type."""
+
+    OPENPOSE = "OpenPose"
+    DEPTH = "Depth"
+    SOFT_EDGE = "Soft Edge"      # HED, PiDiNet, scribble, TEED
+    HARD_EDGE = "Hard Edge"      # canny, lineart, MLSD
+    NORMAL_MAP = "Normal Map"
+    SEGMENTATION = "Segmentation"
+    TILE = "Tile"                # ProMax only
+    INPAINT = "Inpaint"          # ProMax only
+    UNKNOWN = "Unknown"
+
+
 # Names older clients send, mapped to the current field.
 LEGACY_ALIASES = {
     "input_image": "image",
@@ -98,8 +114,10 @@ class ControlUnit:
     save_detected_map: bool = True
     batch_image_dir: str = ""
     batch_mask_dir: str = ""
+    union_control_type: UnionControlType = UnionControlType.UNKNOWN
 
     def __post_init__(self):
+        self.union_control_type = UnionControlType.parse(self.union_control_type, "union_control_type")
         self.resize_mode = ResizeMode.parse(self.resize_mode, "resize_mode")
         self.control_mode = ControlMode.parse(self.control_mode, "control_mode")
         self.hr_option = HiResFixOption.parse(self.hr_option, "hr_option")

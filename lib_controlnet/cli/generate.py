@@ -9,7 +9,8 @@ from lib_controlnet.unit import ControlUnit
 
 # --unit keys -> ControlUnit fields (the short ones the brief's command line uses, plus every field name)
 UNIT_KEYS = {"start": "guidance_start", "end": "guidance_end", "mode": "control_mode", "resize": "resize_mode",
-             "res": "processor_res", "a": "threshold_a", "b": "threshold_b", "hr": "hr_option"}
+             "res": "processor_res", "a": "threshold_a", "b": "threshold_b", "hr": "hr_option",
+             "union": "union_control_type"}
 
 
 def parse_unit(text: str) -> ControlUnit:

@@ -67,6 +67,25 @@ def find_model(name: str):
     return _models().get_registry().find(name)
 
 
+def _panel_types(models: list[str]) -> dict[str, tuple | None]:
+    """Per listed model, the control types its kind says it fits (models/kinds: a union model every type it has,
+    a T2I style adapter only its own), None where its file name must tell."""
+    from lib_controlnet.models.kinds import panel_types_of
+
+    try:
+        paths = {entry.name: entry.path for entry in _models().get_registry().entries()}
+    except Exception:  # no registry: names decide
+        return {}
+    return {model: panel_types_of(paths[model]) for model in models if model in paths}
+
+
+def model_fits_type(type_name: str, model: str, kind_types: tuple | None = None) -> bool:
+    """The one rule of the control-type filter: the kind's answer where its keys tell, else the file name."""
+    if kind_types is not None:
+        return type_name in kind_types
+    return _model_matches(type_name, model)
+
+
 def _model_matches(type_name: str, model: str) -> bool:
     # Model file names carry their type ("control_v11p_sd15_canny", "t2iadapter_depth", "...tile..."), as
     # users and the other WebUI extension rely on; a few types are spelled differently in file names.
@@ -88,6 +107,7 @@ def control_types(update_models: bool = False) -> dict[str, dict]:
     except Exception:  # model registry not available: types still list their modules
         models = []
     raw_types = _preprocess().control_types()
+    kind_types = _panel_types(models)
     out = {ALL_TYPES: {"module_list": modules, "model_list": [NO_MODEL] + models,
                        "default_option": NO_MODULE, "default_model": NO_MODEL}}
     for type_name, raw in raw_types.items():
@@ -96,7 +116,7 @@ def control_types(update_models: bool = False) -> dict[str, dict]:
         type_modules = list(raw["module_list"])
         if NO_MODULE not in type_modules:
             type_modules = [NO_MODULE] + type_modules
-        type_models = [m for m in models if _model_matches(type_name, m)]
+        type_models = [m for m in models if model_fits_type(type_name, m, kind_types.get(m))]
         out[type_name] = {
             "module_list": type_modules,
             "model_list": [NO_MODEL] + type_models,

@@ -13,7 +13,7 @@ import gradio as gr
 from lib_controlnet.errors import UserError
 from lib_controlnet.ui import catalog
 from lib_controlnet.ui.unit_args import UNIT_FIELDS, sketch_to_image_and_mask
-from lib_controlnet.unit import ControlMode, ControlUnit, HiResFixOption, ResizeMode
+from lib_controlnet.unit import ControlMode, ControlUnit, HiResFixOption, ResizeMode, UnionControlType
 
 REFRESH_SYMBOL = "\U0001f504"  # the WebUI's own refresh glyph
 DIMENSIONS_SYMBOL = "\U0001f4d0"
@@ -197,6 +197,9 @@ def _build_unit(index: int, options: PanelOptions, modules: list, models: list, 
                                 elem_id=eid("resize_mode"))
     c["hr_option"] = gr.Radio(HiResFixOption.choices(), value=default.hr_option.value, label="Hires-Fix Option",
                               visible=not options.is_img2img, elem_id=eid("hr_option"))
+    # ControlNet-Union models only: "Unknown" takes the type from the preprocessor's control type
+    c["union_control_type"] = gr.Dropdown(UnionControlType.choices(), value=default.union_control_type.value,
+                                          label="Union Control Type", elem_id=eid("union_control_type"))
 
     sliders = [c["processor_res"], c["threshold_a"], c["threshold_b"]]
     c["module"].change(on_module_change, [c["module"], c["pixel_perfect"]], sliders, queue=False)

@@ -19,6 +19,7 @@ UNIT_FIELDS = (
     "enabled", "image", "independent_image", "batch_image_dir", "batch_mask_dir", "control_type",
     "module", "model", "weight", "guidance_start", "guidance_end", "processor_res", "threshold_a",
     "threshold_b", "control_mode", "resize_mode", "pixel_perfect", "low_vram", "hr_option",
+    "union_control_type",
 )
 PANEL_ONLY_FIELDS = ("independent_image", "control_type")
 

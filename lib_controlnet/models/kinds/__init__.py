@@ -27,7 +27,8 @@ from lib_controlnet.models.kinds.union import UNION
 KINDS: tuple[Kind, ...] = (UNION, IP_ADAPTER, CONTROL_LORA, LLLITE, T2I_ADAPTER, CONTROLNET)
 
 __all__ = ["KINDS", "Kind", "RESIDUALS", "ENCODER_FEATURES", "ATTENTION", "FileKeys", "file_keys", "kind_of_keys",
-           "kind_of_file", "kind_of_model", "load_control_model", "other_kind_of_keys", "AttentionCall"]
+           "kind_of_file", "kind_of_model", "load_control_model", "other_kind_of_keys", "AttentionCall",
+           "panel_types_of"]
 
 
 def kind_of_keys(keys: FileKeys) -> Kind:
@@ -50,6 +51,27 @@ def kind_of_model(model) -> Kind:
         if kind.owns(model):
             return kind
     raise ModelFileError(f"{type(model).__name__} is not a control model this extension can run.")
+
+
+_PANEL_TYPES: dict[tuple, tuple[str, ...] | None] = {}
+
+
+def panel_types_of(path) -> tuple[str, ...] | None:
+    """The panel control types a model file fits by its kind (Kind.panel_types), None where its name must tell
+    or it cannot be read; cached per file version, since the panel asks on every control-type change."""
+    path = Path(path)
+    try:
+        stat = (path / "config.json").stat() if path.is_dir() else path.stat()
+    except OSError:
+        return None
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _PANEL_TYPES:
+        try:
+            keys = file_keys(path)
+            _PANEL_TYPES[key] = kind_of_keys(keys).panel_types(keys)
+        except (ModelFileError, OSError, ValueError):
+            _PANEL_TYPES[key] = None
+    return _PANEL_TYPES[key]
 
 
 def load_control_model(path, dtype=None, device="cpu"):

@@ -109,5 +109,10 @@ class Kind:
         hook handles, which the host removes with its own."""
         raise NotImplementedError
 
+    def panel_types(self, keys: FileKeys) -> tuple[str, ...] | None:
+        """The panel's control types ("Canny", "Depth", ...) a file of this kind fits, when its keys tell (a union
+        model: every type it has); None: its file name tells, as users name plain ControlNets."""
+        return None
+
     def __repr__(self) -> str:
         return f"<kind {self.name}>"

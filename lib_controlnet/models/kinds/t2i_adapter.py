@@ -159,6 +159,10 @@ class T2IAdapterKind(Kind):
     def n_outputs(self, model) -> int:
         return len(model.adapter.body)  # one feature map per adapter block
 
+    def panel_types(self, keys: FileKeys) -> tuple[str, ...] | None:
+        # a style adapter takes a reference image, not a map: only its own type, whatever its name says
+        return ("T2I-Adapter",) if _layout(keys) == "style" else None
+
     def owns(self, model) -> bool:
         from diffusers import T2IAdapter
 

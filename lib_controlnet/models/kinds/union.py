@@ -24,9 +24,11 @@ from lib_controlnet.models.errors import ModelFileError
 from lib_controlnet.models.kinds.base import RESIDUALS, FileKeys, Kind
 from lib_controlnet.models.loading import read_tensors
 
+from lib_controlnet.unit import UnionControlType
+
 # The control types a union model knows, by task index (ControlNetPlus' order); names as the other WebUI
 # extension's `union_control_type` takes them.
-UNION_TYPES = ("OpenPose", "Depth", "Soft Edge", "Hard Edge", "Normal Map", "Segmentation", "Tile", "Inpaint")
+UNION_TYPES = tuple(t.value for t in UnionControlType if t is not UnionControlType.UNKNOWN)
 # The panel's control types (preprocess.CONTROL_TYPES) that each union type stands for.
 PANEL_TYPES = {"OpenPose": ("OpenPose",), "Depth": ("Depth",), "Soft Edge": ("SoftEdge", "Scribble"),
                "Hard Edge": ("Canny", "Lineart", "MLSD"), "Normal Map": ("NormalMap",),
