@@ -142,7 +142,11 @@ def load_union(path: Path, keys: FileKeys, dtype=None, device="cpu"):
     if keys.folder_config is not None:
         config = dict(keys.folder_config)
     else:  # a single file as xinsir publishes it (diffusers names): the architecture from the shapes
-        config = configs.config_for(plain, configs.detect_base(plain))
+        try:
+            config = configs.config_for(plain, configs.detect_base(plain))
+        except ModelFileError as error:
+            raise ModelFileError(f"{path.name} looks like a ControlNet-Union model but its ControlNet part is not "
+                                 f"complete ({str(error).rstrip('.')}).") from None
     params = _union_params(keys, shapes, config)
     # SDXL's size numbers and the union's type one-hot share one Fourier width, which the union part tells
     config["addition_time_embed_dim"] = params["time_dim"]
