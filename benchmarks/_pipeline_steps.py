@@ -64,10 +64,10 @@ def time_pipeline(pipe, steps: int, size: int, cuda: bool = False, prompt: str =
 
 
 def time_ours(pipe, models: list, hint, steps: int, size: int, mode: str = "Balanced", device="cpu",
-              dtype=torch.float32, cuda: bool = False) -> StepClock:
+              dtype=torch.float32, cuda: bool = False, fields: Optional[dict] = None) -> StepClock:
     """One run of our generate() with one unit per model in `models` (all on the same hint). The models must
     be ours to change: a job switches their convolutions to the faster CPU kernel in place (on a GPU that
-    switch does nothing)."""
+    switch does nothing). `fields`: more ControlUnit fields for every unit (a union model's control type)."""
     from lib_controlnet.generate import GenerateRequest, generate
     from lib_controlnet.unit import ControlUnit
 
@@ -75,7 +75,8 @@ def time_ours(pipe, models: list, hint, steps: int, size: int, mode: str = "Bala
     by_name = {f"bench{i}": model for i, model in enumerate(models)}
     request = GenerateRequest(
         base="", prompt="a house",
-        units=[ControlUnit(module="none", model=name, image=hint, control_mode=mode) for name in by_name],
+        units=[ControlUnit(module="none", model=name, image=hint, control_mode=mode, **(fields or {}))
+               for name in by_name],
         steps=steps, width=size, height=size, device=str(device), dtype=dtype, load_model=by_name.__getitem__,
         on_step_end=lambda step: clock.tick())
     generate(request, pipe=pipe)

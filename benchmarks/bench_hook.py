@@ -14,6 +14,9 @@
         read + merge and a later job's cache hit, against loading the same ControlNet as a full file
     python benchmarks/bench_hook.py --ip-adapter  # one IP-Adapter plus unit (benchmarks/_ip_adapter_steps.py):
         ip-adapter ratio = our per-step time / StableDiffusionPipeline's with the same IP-Adapter  [<= 1.00]
+    python benchmarks/bench_hook.py --union --quick --image 256 --steps 3   # an SDXL ControlNet-Union (ProMax)
+        union ratio = our per-step time with the union model / StableDiffusionXLControlNetPipeline's with the
+        plain ControlNet of the same weights (the pinned diffusers has no union pipeline)          [<= 1.00]
 
 Prints three ratios (lower is better), measured in one run on the same weights and inputs:
   hook overhead  = one hooked UNet step with one unit / (UNet step alone + ControlNet forward alone)  [<= 1.02]
@@ -153,7 +156,26 @@ def adapter_main(args, components, controlnet, hint, hint_pil) -> None:
           f"({added_adapter / added_controlnet:.2f} of it)")
 
 
-def time_ours(components, controlnet, hint, args, mode: str) -> float:
+def union_main(args, components, controlnet, hint, hint_pil) -> None:
+    """Per step: ours with a union model (one Hard Edge condition) vs diffusers' SDXL ControlNet pipeline with the
+    plain ControlNet that holds the same weights (the union's own parts are its small extra work)."""
+    from lib_controlnet import tiny_models
+
+    union = tiny_models.union_from_controlnet(copy.deepcopy(controlnet))
+    extra = sum(p.numel() for n, p in union.named_parameters() if n.startswith((
+        "task_embedding", "transformer_layes.", "spatial_ch_projs.", "control_add_embedding.")))
+    print(f"union parts: {extra / 1e6:.2f}M params on top of the ControlNet's")
+    results = {"pipe": [], "ours": []}
+    for _ in range(args.repeats):
+        results["pipe"].append(time_pipeline(components, controlnet, hint_pil, args, guess_mode=False))
+        results["ours"].append(time_ours(components, union, hint, args, "Balanced",
+                                         fields={"union_control_type": "Hard Edge"}))
+    step = {name: statistics.median(values) for name, values in results.items()}
+    print(f"per step: SDXL ControlNet pipeline {step['pipe']:.3f}s, ours with the union model {step['ours']:.3f}s")
+    print(f"union ratio              {step['ours'] / step['pipe']:.3f}  (target <= 1.00)")
+
+
+def time_ours(components, controlnet, hint, args, mode: str, fields: dict | None = None) -> float:
     """`controlnet` must be our own copy: a job switches its convolutions to the faster CPU kernel in place, and
     the peer must run the model as diffusers builds it."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -163,7 +185,7 @@ def time_ours(components, controlnet, hint, args, mode: str) -> float:
     else:
         pipe = StableDiffusionPipeline(requires_safety_checker=False, **components)
     models = [] if controlnet is None else [controlnet]  # None: a plain step, no unit
-    return pipeline_steps.time_ours(pipe, models, hint, args.steps, args.image, mode).per_step()
+    return pipeline_steps.time_ours(pipe, models, hint, args.steps, args.image, mode, fields=fields).per_step()
 
 
 def hook_overhead(components, controlnet, args) -> float:
@@ -218,7 +240,9 @@ def main(argv=None) -> int:
                         help="with --sdxl: ControlNet-LLLite instead (benchmarks/_lllite.py)")
     parser.add_argument("--control-lora", action="store_true",
                         help="with --sdxl: a Control-LoRA's merge cost instead (benchmarks/_control_lora.py)")
+    parser.add_argument("--union", action="store_true", help="an SDXL ControlNet-Union (implies --sdxl)")
     args = parser.parse_args(argv)
+    args.sdxl = args.sdxl or args.union
     args.repeats = args.repeats or 3
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -256,6 +280,10 @@ def main(argv=None) -> int:
         from benchmarks._ip_adapter_steps import ip_adapter_main
 
         ip_adapter_main(args, components)
+        print(f"total {time.perf_counter() - started:.0f}s")
+        return 0
+    if args.union:
+        union_main(args, components, controlnet, hint, hint_pil)
         print(f"total {time.perf_counter() - started:.0f}s")
         return 0
     if args.adapter:

@@ -264,3 +264,28 @@ def random_ip_adapter_state(unet, variant: str = "plus", embed_dim: int = 32, se
                          f"layers.{i}.1.0.weight": ones(d), f"layers.{i}.1.0.bias": rand(d),
                          f"layers.{i}.1.1.weight": rand(4 * d, d), f"layers.{i}.1.3.weight": rand(d, 4 * d)})
     return {"image_proj": proj, "ip_adapter": ip}
+
+
+def union_from_controlnet(controlnet, n_types: int = 8, seed: int = 0, union_scale: float = 0.05):
+    """A ControlNet-Union (ProMax with 8 types) holding `controlnet`'s weights plus random union parts (condition
+    transformer, type embeddings); `union_scale` 0 makes the parts add nothing, so it runs as `controlnet` does."""
+    from lib_controlnet.models.kinds.union import union_class
+
+    config = controlnet.config
+    width = config.block_out_channels[0]
+    model = union_class().from_config(dict(config))
+    model.add_union_parts(n_types=n_types, width=width, heads=8, layers=1, proj=width,
+                          time_dim=config.addition_time_embed_dim)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".ln_" in name:  # layer norms as initialised: weight 1, bias 0
+                param.copy_(torch.ones_like(param) if name.endswith("weight") else torch.zeros_like(param))
+            elif name.startswith(("spatial_ch_projs.", "control_add_embedding.linear_2")):
+                param.copy_(torch.randn(param.shape, generator=generator) * union_scale)
+            elif name.startswith(("task_embedding", "transformer_layes.", "control_add_embedding.")):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    missing, unexpected = model.load_state_dict(controlnet.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith(("task_embedding", "transformer_layes.", "spatial_ch_projs.",
+                                                "control_add_embedding.")) for k in missing)
+    return model.eval()

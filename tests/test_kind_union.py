@@ -247,23 +247,8 @@ def test_generate_with_union_whose_parts_add_nothing_equals_sdxl_controlnet_pipe
     write_tiny_sdxl_single_file(tmp_path / "sdxl.safetensors", config_dir=tmp_path / "sdxl-config")
     pipe = load_pipeline(tmp_path / "sdxl.safetensors", str(tmp_path / "sdxl-config"))
     controlnet = tiny_models.tiny_controlnet(unet=pipe.unet, seed=11)
-    state = dict(controlnet.state_dict())
-    torch.manual_seed(3)
-    width, time_dim, embed = 32, controlnet.config.addition_time_embed_dim, controlnet.config.block_out_channels[0] * 4
-    state.update({"task_embedding": torch.randn(8, width), "spatial_ch_projs.weight": torch.zeros(width, width),
-                  "spatial_ch_projs.bias": torch.zeros(width),
-                  "control_add_embedding.linear_1.weight": torch.randn(embed, time_dim * 8),
-                  "control_add_embedding.linear_1.bias": torch.randn(embed),
-                  "control_add_embedding.linear_2.weight": torch.zeros(embed, embed),
-                  "control_add_embedding.linear_2.bias": torch.zeros(embed)})
-    for part in ("ln_1", "ln_2"):
-        state.update({f"transformer_layes.0.{part}.weight": torch.ones(width),
-                      f"transformer_layes.0.{part}.bias": torch.zeros(width)})
-    for name, shape in (("attn.in_proj_weight", (3 * width, width)), ("attn.in_proj_bias", (3 * width,)),
-                        ("attn.out_proj.weight", (width, width)), ("attn.out_proj.bias", (width,)),
-                        ("mlp.c_fc.weight", (4 * width, width)), ("mlp.c_fc.bias", (4 * width,)),
-                        ("mlp.c_proj.weight", (width, 4 * width)), ("mlp.c_proj.bias", (width,))):
-        state[f"transformer_layes.0.{name}"] = torch.randn(shape) * 0.1
+    state = tiny_models.union_from_controlnet(controlnet, union_scale=0.0).state_dict()
+    width = controlnet.config.block_out_channels[0]
     folder = tmp_path / "controlnet-union-sdxl-1.0"  # the folder layout, whose config.json names the heads
     folder.mkdir()
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "diffusion_pytorch_model.safetensors"))
