@@ -206,6 +206,7 @@ def test_union_control_type_in_payload_infotext_and_cli():
 
 def test_control_type_filter_lists_union_models_under_every_type_they_have(files, tmp_path):
     from lib_controlnet.models import get_registry
+    from lib_controlnet.settings import get_settings, update_settings
     from lib_controlnet.ui import catalog
 
     models = tmp_path / "models"
@@ -214,16 +215,17 @@ def test_control_type_filter_lists_union_models_under_every_type_they_have(files
         (shutil.copytree if (files / name).is_dir() else shutil.copy)(files / name, models / name)
     shutil.copy(files / "controlnet-union-sdxl.safetensors", models / "control_v11p_sd15_canny.safetensors")
     (models / "control_v11f1e_sd15_tile.safetensors").write_bytes(b"not read: a plain name decides")
+    save_file({"style_embedding": torch.zeros(1, 8, 32), "ln_post.weight": torch.zeros(32)},
+              str(models / "coadapter-style-sd15v1.safetensors"))  # its name tells no type; its keys do
     assert panel_types_of(models / "controlnet-union-sdxl-1.0")[-1] == "Inpaint"
-    registry = get_registry()
-    saved = registry._dirs
-    registry._dirs = [models]
+    saved = get_settings().model_dirs
+    update_settings(model_dirs=[models])
     try:
-        registry.refresh()
+        get_registry().refresh()
         types = catalog.control_types()
     finally:
-        registry._dirs = saved
-        registry.refresh()
+        update_settings(model_dirs=saved)
+        get_registry().refresh()
     listed = {name: [m.rsplit(" [", 1)[0] for m in entry["model_list"]] for name, entry in types.items()}
     for type_name in ("Canny", "Lineart", "MLSD", "Depth", "OpenPose", "SoftEdge", "Scribble", "NormalMap",
                       "Segmentation"):
@@ -232,6 +234,9 @@ def test_control_type_filter_lists_union_models_under_every_type_they_have(files
     assert "controlnet-union-sdxl-1.0" in listed["Tile"] and "controlnet-union-sdxl" not in listed["Tile"]
     assert "control_v11p_sd15_canny" in listed["Depth"] and "control_v11f1e_sd15_tile" in listed["Tile"]
     assert "controlnet-union-sdxl-1.0" not in listed["Shuffle"] + listed["Recolor"] + listed["InstructP2P"]
+    assert [t for t, names in listed.items() if "coadapter-style-sd15v1" in names] == ["All", "T2I-Adapter"]
+    canny_choices = catalog.panel_model_choices(types, "Canny")  # typed by its kind, so not offered as untyped
+    assert not any(name.startswith("coadapter-style") for name in canny_choices)
 
 
 def test_generate_with_union_whose_parts_add_nothing_equals_sdxl_controlnet_pipeline(tmp_path):
