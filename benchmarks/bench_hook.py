@@ -165,14 +165,18 @@ def union_main(args, components, controlnet, hint, hint_pil) -> None:
     extra = sum(p.numel() for n, p in union.named_parameters() if n.startswith((
         "task_embedding", "transformer_layes.", "spatial_ch_projs.", "control_add_embedding.")))
     print(f"union parts: {extra / 1e6:.2f}M params on top of the ControlNet's")
-    results = {"pipe": [], "ours": []}
+    ours_controlnet = copy.deepcopy(controlnet)  # see time_ours: the pipeline keeps the untouched model
+    results = {"pipe": [], "ours": [], "ours_controlnet": []}
     for _ in range(args.repeats):
         results["pipe"].append(time_pipeline(components, controlnet, hint_pil, args, guess_mode=False))
         results["ours"].append(time_ours(components, union, hint, args, "Balanced",
                                          fields={"union_control_type": "Hard Edge"}))
+        results["ours_controlnet"].append(time_ours(components, ours_controlnet, hint, args, "Balanced"))
     step = {name: statistics.median(values) for name, values in results.items()}
-    print(f"per step: SDXL ControlNet pipeline {step['pipe']:.3f}s, ours with the union model {step['ours']:.3f}s")
+    print(f"per step: SDXL ControlNet pipeline {step['pipe']:.3f}s, ours with the union model {step['ours']:.3f}s, "
+          f"ours with the plain ControlNet {step['ours_controlnet']:.3f}s")
     print(f"union ratio              {step['ours'] / step['pipe']:.3f}  (target <= 1.00)")
+    print(f"union / our ControlNet   {step['ours'] / step['ours_controlnet']:.3f}  (the union parts' own cost)")
 
 
 def time_ours(components, controlnet, hint, args, mode: str, fields: dict | None = None) -> float:
