@@ -156,29 +156,6 @@ def adapter_main(args, components, controlnet, hint, hint_pil) -> None:
           f"({added_adapter / added_controlnet:.2f} of it)")
 
 
-def union_main(args, components, controlnet, hint, hint_pil) -> None:
-    """Per step: ours with a union model (one Hard Edge condition) vs diffusers' SDXL ControlNet pipeline with the
-    plain ControlNet that holds the same weights (the union's own parts are its small extra work)."""
-    from lib_controlnet import tiny_models
-
-    union = tiny_models.union_from_controlnet(copy.deepcopy(controlnet))
-    extra = sum(p.numel() for n, p in union.named_parameters() if n.startswith((
-        "task_embedding", "transformer_layes.", "spatial_ch_projs.", "control_add_embedding.")))
-    print(f"union parts: {extra / 1e6:.2f}M params on top of the ControlNet's")
-    ours_controlnet = copy.deepcopy(controlnet)  # see time_ours: the pipeline keeps the untouched model
-    results = {"pipe": [], "ours": [], "ours_controlnet": []}
-    for _ in range(args.repeats):
-        results["pipe"].append(time_pipeline(components, controlnet, hint_pil, args, guess_mode=False))
-        results["ours"].append(time_ours(components, union, hint, args, "Balanced",
-                                         fields={"union_control_type": "Hard Edge"}))
-        results["ours_controlnet"].append(time_ours(components, ours_controlnet, hint, args, "Balanced"))
-    step = {name: statistics.median(values) for name, values in results.items()}
-    print(f"per step: SDXL ControlNet pipeline {step['pipe']:.3f}s, ours with the union model {step['ours']:.3f}s, "
-          f"ours with the plain ControlNet {step['ours_controlnet']:.3f}s")
-    print(f"union ratio              {step['ours'] / step['pipe']:.3f}  (target <= 1.00)")
-    print(f"union / our ControlNet   {step['ours'] / step['ours_controlnet']:.3f}  (the union parts' own cost)")
-
-
 def time_ours(components, controlnet, hint, args, mode: str, fields: dict | None = None) -> float:
     """`controlnet` must be our own copy: a job switches its convolutions to the faster CPU kernel in place, and
     the peer must run the model as diffusers builds it."""
@@ -287,7 +264,9 @@ def main(argv=None) -> int:
         print(f"total {time.perf_counter() - started:.0f}s")
         return 0
     if args.union:
-        union_main(args, components, controlnet, hint, hint_pil)
+        from benchmarks import _union
+
+        _union.run(args, components, controlnet, hint, hint_pil)
         print(f"total {time.perf_counter() - started:.0f}s")
         return 0
     if args.adapter:

@@ -235,6 +235,15 @@ def test_control_type_filter_lists_union_models_under_every_type_they_have(files
     assert "control_v11p_sd15_canny" in listed["Depth"] and "control_v11f1e_sd15_tile" in listed["Tile"]
     assert "controlnet-union-sdxl-1.0" not in listed["Shuffle"] + listed["Recolor"] + listed["InstructP2P"]
     assert [t for t, names in listed.items() if "coadapter-style-sd15v1" in names] == ["All", "T2I-Adapter"]
+    # the WebUI's pre-job check: a union model on an SD1.5 checkpoint is one sentence
+    from lib_controlnet.webui import base_fit
+
+    update_settings(model_dirs=[models])
+    try:
+        sentence = base_fit.mismatch("controlnet-union-sdxl-1.0", "sd15")
+    finally:
+        update_settings(model_dirs=saved)
+    assert sentence.startswith("'controlnet-union-sdxl-1.0' is a ControlNet-Union for SDXL and the loaded checkpoint")
     canny_choices = catalog.panel_model_choices(types, "Canny")  # typed by its kind, so not offered as untyped
     assert not any(name.startswith("coadapter-style") for name in canny_choices)
 

@@ -208,6 +208,11 @@ class UnionKind(Kind):
     def n_outputs(self, model) -> int:
         return len(model.controlnet_down_blocks) + 1
 
+    def made_for(self, keys: FileKeys) -> str | None:
+        # every union model is SDXL's (the WebUI's pre-job check names a union picked on an SD1.5 checkpoint)
+        config = keys.folder_config or {}
+        return "sdxl" if keys.any_startswith("add_embedding.") or config.get("addition_embed_type") else None
+
     def owns(self, model) -> bool:
         return _CLASS is not None and isinstance(model, _CLASS)
 
