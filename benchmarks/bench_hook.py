@@ -17,6 +17,7 @@
     python benchmarks/bench_hook.py --union --quick --image 256 --steps 3   # an SDXL ControlNet-Union (ProMax)
         union ratio = our per-step time with the union model / StableDiffusionXLControlNetPipeline's with the
         plain ControlNet of the same weights (the pinned diffusers has no union pipeline)          [<= 1.00]
+        (on a busy shared machine `--threads 1` gives far steadier ratios than two contended threads)
 
 Prints three ratios (lower is better), measured in one run on the same weights and inputs:
   hook overhead  = one hooked UNet step with one unit / (UNet step alone + ControlNet forward alone)  [<= 1.02]
