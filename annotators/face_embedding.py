@@ -9,7 +9,7 @@ The steps are insightface's FaceAnalysis ones:
   the scores, box distances and keypoint offsets (in stride units) of two anchors per cell; score >= 0.5, then
   non-maximum suppression at IoU 0.4; the face with the best score is taken;
 - align: the similarity transform (least squares, Umeyama) from its five keypoints onto ArcFace's 112x112
-  template; recognise: (x - 127.5) / 127.5, the embedding divided by its norm (`normed_embedding`).
+  template (FaceID plus also takes the face aligned onto the template scaled to 224x224 for CLIP); recognise: (x - 127.5) / 127.5, the embedding divided by its norm (`normed_embedding`).
 Images are RGB here, which is what insightface feeds its networks after swapping BGR.
 """
 from __future__ import annotations
@@ -122,19 +122,34 @@ def similarity_transform(source: np.ndarray, target: np.ndarray) -> np.ndarray:
     return matrix
 
 
-def embed(images) -> np.ndarray:
-    """(N, D) unit-norm identity embeddings, one per image (its best-scoring face)."""
+def norm_crop(image: np.ndarray, points: np.ndarray, size: int) -> np.ndarray:
+    """The face aligned onto ArcFace's template scaled to `size` (a multiple of 112), as insightface's
+    norm_crop: FaceID plus encodes this 224x224 crop with CLIP."""
+    template = ARCFACE_TEMPLATE.astype(np.float64) * (size / 112.0)
+    matrix = similarity_transform(points.astype(np.float64), template)
+    return cv2.warpAffine(image, matrix, (size, size), borderValue=0.0)
+
+
+def analyse(images, crop_size: int | None = None) -> tuple[np.ndarray, list]:
+    """(N, D) unit-norm identity embeddings, one per image (its best-scoring face), and, when `crop_size` is
+    given, that face aligned and cropped to crop_size x crop_size (RGB uint8) per image."""
     det_path, rec_path = find_models()
     detector, recogniser = _session(det_path), _session(rec_path)
-    out = []
+    out, crops = [], []
     for index, image in enumerate(images):
         image = np.ascontiguousarray(np.asarray(image)[..., :3])
         faces = detect(detector, image)
         if not faces:
             raise NoFaceError(f"No face was found in image {index + 1} of the IP-Adapter FaceID unit.")
-        matrix = similarity_transform(faces[0][2].astype(np.float64), ARCFACE_TEMPLATE.astype(np.float64))
-        crop = cv2.warpAffine(image, matrix, (112, 112), borderValue=0.0).astype(np.float32)
+        crop = norm_crop(image, faces[0][2], 112).astype(np.float32)
         blob = ((crop - 127.5) / 127.5).transpose(2, 0, 1)[None]
         vector = recogniser.run(None, {recogniser.get_inputs()[0].name: blob})[0].reshape(-1)
         out.append(vector / np.linalg.norm(vector))
-    return np.stack(out).astype(np.float32)
+        if crop_size:
+            crops.append(norm_crop(image, faces[0][2], crop_size))
+    return np.stack(out).astype(np.float32), crops
+
+
+def embed(images) -> np.ndarray:
+    """(N, D) unit-norm identity embeddings, one per image (its best-scoring face)."""
+    return analyse(images)[0]

@@ -25,6 +25,9 @@ from lib_controlnet.control_units import ControlError, PreparedUnit
 
 _SECTIONS = {"input_blocks": 0, "output_blocks": 1, "middle_block": 2}
 FACE_ENCODER = "face_id"  # the preprocessors' name for insightface's identity embedding (annotators.face_embedding)
+FACE_PLUS_ENCODER = "face_id_plus"  # that embedding and CLIP ViT-H of the face aligned to 224x224 (FaceID plus)
+AUTO_ENCODER = "auto"  # ip-adapter-auto: whatever the adapter's variant and widths (read from its keys) need
+FACE_CLIP = "clip_h"  # the tower FaceID plus was trained with (1280-wide hidden states)
 
 
 def _order(name: str) -> tuple:
@@ -45,14 +48,21 @@ def _encoder_name(prepared: PreparedUnit) -> str:
     from lib_controlnet import preprocess
 
     adapter, module = prepared.model, prepared.unit.module
-    wanted = "ip-adapter_face_id" if adapter.reads_faces else "ip-adapter_clip_h or ip-adapter_clip_g"
+    face = FACE_PLUS_ENCODER if adapter.reads_face_crops else FACE_ENCODER if adapter.reads_faces else None
+    wanted = {FACE_ENCODER: "ip-adapter_face_id", FACE_PLUS_ENCODER: "ip-adapter_face_id_plus"}.get(
+        face, "ip-adapter_clip_h or ip-adapter_clip_g")
     if module and module.lower() != "none":
         pre = preprocess.get_preprocessor(module)
-        if pre.image_encoder is None or (pre.image_encoder == FACE_ENCODER) != adapter.reads_faces:
-            raise ControlError(f"IP-Adapter '{prepared.unit.model}' needs the preprocessor {wanted}, not {module}.")
-        return pre.image_encoder
-    if adapter.reads_faces:
-        return FACE_ENCODER
+        named = pre.image_encoder
+        if named != AUTO_ENCODER:
+            if named is None or (named if named in (FACE_ENCODER, FACE_PLUS_ENCODER) else None) != face:
+                raise ControlError(f"IP-Adapter '{prepared.unit.model}' needs the preprocessor {wanted} (or "
+                                   f"ip-adapter-auto), not {module}.")
+            return named
+    # ip-adapter-auto, or no preprocessor named: the variant's face pipeline, else the tower whose output width
+    # the adapter takes (embeds, or hidden states if plus)
+    if face is not None:
+        return face
     # no preprocessor named: the tower whose output width the adapter takes (embeds, or hidden states if plus)
     widths = {"clip_h": (1024, 1280), "clip_g": (1280, 1664), "clip_vitl": (768, 1024)}
     for name in ENCODERS:
@@ -73,6 +83,29 @@ def _face_features(source) -> tuple[torch.Tensor, torch.Tensor]:
     return cond, torch.zeros_like(cond[:1])
 
 
+def _face_plus_tokens(prepared: PreparedUnit) -> torch.Tensor:
+    """FaceID plus: the identity embedding of each image's best face, and CLIP ViT-H's penultimate hidden states
+    of that face aligned to 224x224; unconditional: zeros and the tower's output for a blank input, as the
+    original code and the other extension do. Several images: each input averaged over the images."""
+    from annotators import clip_vision, face_embedding
+
+    adapter, source = prepared.model, prepared.source
+    if torch.is_tensor(source):
+        source = [(image.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy() for image in source.cpu()]
+    face, crops = face_embedding.analyse(source, crop_size=224)
+    encoder = clip_vision.get_encoder(FACE_CLIP).to(device=adapter.device, dtype=adapter.dtype)
+    clip_cond, clip_uncond = clip_vision.encode(encoder, crops, hidden_states=True)
+    for width, expected, label in ((face.shape[-1], adapter.embed_dim, "insightface's recogniser"),
+                                   (clip_cond.shape[-1], adapter.clip_dim, clip_vision.ENCODERS[FACE_CLIP].label)):
+        if width != expected:
+            raise ControlError(f"IP-Adapter '{prepared.unit.model}' takes {expected}-wide features but {label} "
+                               f"gives {width}.")
+    face = torch.from_numpy(face).mean(dim=0, keepdim=True)
+    with torch.no_grad():
+        return adapter.tokens((torch.cat([torch.zeros_like(face), face]),
+                               torch.cat([clip_uncond, clip_cond.mean(dim=0, keepdim=True)])))
+
+
 def image_tokens(prepared: PreparedUnit) -> torch.Tensor:
     """(2, tokens, width): the unit's unconditional and conditional image tokens. Several images on one unit
     (multi-inputs) are encoded each and their features averaged."""
@@ -83,6 +116,8 @@ def image_tokens(prepared: PreparedUnit) -> torch.Tensor:
     if name == FACE_ENCODER:
         cond, uncond = _face_features(prepared.source)
         label = "insightface's recogniser"
+    elif name == FACE_PLUS_ENCODER:
+        return _face_plus_tokens(prepared)
     else:
         # on the adapter's device and dtype: a GPU job encodes on the GPU (the tower stays there until a job
         # elsewhere moves it), a low-VRAM unit on the offload device

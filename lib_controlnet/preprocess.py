@@ -183,6 +183,11 @@ REGISTRY: tuple[Preprocessor, ...] = (
        model_free=False, image_encoder="clip_g"),
     _p("ip-adapter_face_id", "ip-adapter_face_id", "IP-Adapter", "annotators.clip_vision:preview", resolution=None,
        model_free=False, image_encoder="face_id"),
+    _p("ip-adapter_face_id_plus", "ip-adapter_face_id_plus", "IP-Adapter", "annotators.clip_vision:preview",
+       resolution=None, model_free=False, image_encoder="face_id_plus"),
+    # picks the encoder / face pipeline from the chosen adapter's variant and widths, read from its keys
+    _p("ip-adapter-auto", "ip-adapter-auto", "IP-Adapter", "annotators.clip_vision:preview", resolution=None,
+       model_free=False, image_encoder="auto"),
 )
 
 # The control types of the panel's radio, each with the preprocessor it selects by default (label).

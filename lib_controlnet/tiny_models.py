@@ -289,3 +289,27 @@ def union_from_controlnet(controlnet, n_types: int = 8, seed: int = 0, union_sca
     assert not unexpected and all(k.startswith(("task_embedding", "transformer_layes.", "spatial_ch_projs.",
                                                 "control_add_embedding.")) for k in missing)
     return model.eval()
+
+
+def random_ip_adapter_faceid_plus_state(unet, clip_dim: int = 32, seed: int = 7) -> dict:
+    """A random IP-Adapter FaceID plus (v1 and v2 share the layout) for `unet`: FaceID's identity MLP (512 wide,
+    4 tokens) and LoRA, then a 4-block `perceiver_resampler` (64-wide heads, no latents) as wide as the UNet's
+    cross-attention, reading `clip_dim`-wide CLIP hidden states."""
+    state = random_ip_adapter_state(unet, "faceid", embed_dim=512, seed=seed, tokens=4)
+    generator = torch.Generator().manual_seed(seed + 1)
+
+    def rand(*shape, scale=0.2):
+        return torch.randn(*shape, generator=generator) * scale
+
+    d = state["image_proj"]["norm.weight"].shape[0]
+    resampler = {"proj_in.weight": rand(d, clip_dim), "proj_in.bias": rand(d), "proj_out.weight": rand(d, d),
+                 "proj_out.bias": rand(d), "norm_out.weight": 1 + rand(d, scale=0.05), "norm_out.bias": rand(d)}
+    for i in range(4):
+        resampler.update({f"layers.{i}.0.norm1.weight": 1 + rand(d, scale=0.05), f"layers.{i}.0.norm1.bias": rand(d),
+                          f"layers.{i}.0.norm2.weight": 1 + rand(d, scale=0.05), f"layers.{i}.0.norm2.bias": rand(d),
+                          f"layers.{i}.0.to_q.weight": rand(64, d), f"layers.{i}.0.to_kv.weight": rand(128, d),
+                          f"layers.{i}.0.to_out.weight": rand(d, 64),
+                          f"layers.{i}.1.0.weight": 1 + rand(d, scale=0.05), f"layers.{i}.1.0.bias": rand(d),
+                          f"layers.{i}.1.1.weight": rand(4 * d, d), f"layers.{i}.1.3.weight": rand(d, 4 * d)})
+    state["image_proj"].update({f"perceiver_resampler.{k}": v for k, v in resampler.items()})
+    return state

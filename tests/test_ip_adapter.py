@@ -134,7 +134,8 @@ def test_variants_and_widths_from_keys(tmp_path):
     face_id_plus = {"image_proj": {"perceiver_resampler.proj_in.weight": torch.zeros(8, 4)},
                     "ip_adapter": {"1.to_k_ip.weight": torch.zeros(4, 4)}}
     torch.save(face_id_plus, tmp_path / "ip-adapter-faceid-plusv2_sd15.bin")
-    with pytest.raises(ModelFileError, match="ip-adapter-faceid-plusv2_sd15.bin is an IP-Adapter FaceID plus model"):
+    with pytest.raises(ModelFileError, match="ip-adapter-faceid-plusv2_sd15.bin is an IP-Adapter FaceID plus file "
+                                             "without its identity projection"):
         load_control_model(tmp_path / "ip-adapter-faceid-plusv2_sd15.bin")
 
 

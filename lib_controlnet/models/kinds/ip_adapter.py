@@ -17,8 +17,12 @@ The projections are diffusers' own modules; `to_k_ip` / `to_v_ip` are plain line
 FaceID (`proj.0` / `proj.2` MLP + `norm` over a 512-wide insightface identity embedding) also carries a LoRA
 for every attention of the UNet in its `ip_adapter` group: `{n}.to_{q,k,v,out}_lora.{down,up}.weight`, n
 counting self- and cross-attentions alike (attn1 = 0, attn2 = 1, ...); it is applied with the image prompt.
-FaceID plus (`perceiver_resampler.*`, which also needs a CLIP encoding of the aligned face) is refused in one
-sentence.
+FaceID plus and plus v2 (`proj.0` / `proj.2` / `norm` as FaceID, then `perceiver_resampler.*`: a plus
+resampler without `latents`) turn the identity embedding into the resampler's queries, which then attend to the
+CLIP ViT-H penultimate hidden states of the face aligned to 224x224; v2 adds those queries back to the result
+("shortcut", scale 1 as the other extension uses). v1 and v2 files hold the same keys, so v2 is the one fact
+read from the file name ("v2" in it, as the released `ip-adapter-faceid-plusv2_*` files and the other extension
+have it). Their LoRA is in the `ip_adapter` group as FaceID's.
 """
 from __future__ import annotations
 
@@ -64,9 +68,12 @@ class IPAdapter(torch.nn.Module):
     layer, in diffusers' attention-processor order."""
 
     def __init__(self, variant: str, image_proj: torch.nn.Module, layer_shapes: list[tuple[int, int]],
-                 embed_dim: int, n_tokens: int, lora_shapes: list | None = None):
+                 embed_dim: int, n_tokens: int, lora_shapes: list | None = None, clip_dim: int | None = None,
+                 shortcut: bool = False):
         super().__init__()
         self.variant, self.embed_dim, self.n_tokens = variant, embed_dim, n_tokens
+        # FaceID plus: the width of the CLIP hidden states it also reads; v2: the shortcut and its scale
+        self.clip_dim, self.shortcut, self.shortcut_scale = clip_dim, shortcut, 1.0
         self.image_proj = image_proj
         self.to_k_ip = torch.nn.ModuleList(torch.nn.Linear(i, o, bias=False) for o, i in layer_shapes)
         self.to_v_ip = torch.nn.ModuleList(torch.nn.Linear(i, o, bias=False) for o, i in layer_shapes)
@@ -82,13 +89,19 @@ class IPAdapter(torch.nn.Module):
 
     @property
     def uses_hidden_states(self) -> bool:
-        """Plus and full-face read the encoder's penultimate hidden states; base its projected image_embeds."""
-        return self.variant in (PLUS, FULL_FACE)
+        """Plus, full-face and FaceID plus read the encoder's penultimate hidden states; base its projected
+        image_embeds."""
+        return self.variant in (PLUS, FULL_FACE, FACE_ID_PLUS)
 
     @property
     def reads_faces(self) -> bool:
-        """FaceID reads an insightface identity embedding, not a CLIP encoding."""
-        return self.variant == FACE_ID
+        """FaceID (and FaceID plus) read an insightface identity embedding, not (only) a CLIP encoding."""
+        return self.variant in (FACE_ID, FACE_ID_PLUS)
+
+    @property
+    def reads_face_crops(self) -> bool:
+        """FaceID plus also reads the CLIP encoding of each image's face aligned to 224x224."""
+        return self.variant == FACE_ID_PLUS
 
     @property
     def device(self):
@@ -98,9 +111,31 @@ class IPAdapter(torch.nn.Module):
     def dtype(self):
         return self.to_k_ip[0].weight.dtype
 
-    def tokens(self, encoded: torch.Tensor) -> torch.Tensor:
-        """(N, n_tokens, cross_attention_dim) image tokens from the encoder output this variant reads."""
+    def tokens(self, encoded) -> torch.Tensor:
+        """(N, n_tokens, cross_attention_dim) image tokens from the encoder output this variant reads (FaceID
+        plus: a pair, identity embeddings (N, 512) and CLIP hidden states (N, patches, width))."""
+        if self.variant == FACE_ID_PLUS:
+            face, clip = (t.to(device=self.device, dtype=self.dtype) for t in encoded)
+            return self.image_proj(face, clip, self.shortcut, self.shortcut_scale)
         return self.image_proj(encoded.to(device=self.device, dtype=self.dtype))
+
+
+def _face_plus_class():
+    """diffusers' FaceID plus projection (its modules and names), called with the CLIP hidden states as an
+    argument rather than an attribute set beforehand, and with the v2 shortcut per call."""
+    from diffusers.models.embeddings import IPAdapterFaceIDPlusImageProjection
+
+    class FaceIDPlusProjection(IPAdapterFaceIDPlusImageProjection):
+        def forward(self, face, clip, shortcut: bool = False, scale: float = 1.0):
+            queries = self.norm(self.proj(face).reshape(-1, self.num_tokens, self.embed_dim))
+            context = self.proj_in(clip)
+            latents = queries
+            for block in self.layers:
+                latents = block(context, latents, latents)
+            out = self.norm_out(self.proj_out(latents))
+            return queries + scale * out if shortcut else out
+
+    return FaceIDPlusProjection
 
 
 def _projection(variant: str, proj: dict, cross_dim: int, name: str):
@@ -117,6 +152,24 @@ def _projection(variant: str, proj: dict, cross_dim: int, name: str):
         tokens = proj["proj.2.weight"][0] // cross_dim
         return IPAdapterFaceIDImageProjection(image_embed_dim=embed, cross_attention_dim=cross_dim,
                                               mult=hidden / embed, num_tokens=tokens), embed, tokens
+    if variant == FACE_ID_PLUS:
+        if not {"proj.0.weight", "proj.2.weight", "norm.weight", "perceiver_resampler.proj_out.weight"} <= set(proj):
+            raise ModelFileError(f"{name} is an IP-Adapter FaceID plus file without its identity projection "
+                                 "(proj.0, proj.2, norm) or resampler output.")
+        face, hidden = proj["proj.0.weight"][1], proj["proj.0.weight"][0]
+        width, clip = proj["perceiver_resampler.proj_in.weight"]
+        resampler = {k[len("perceiver_resampler."):]: v for k, v in proj.items()
+                     if k.startswith("perceiver_resampler.")}
+        depth = len({m.group(1) for k in resampler if (m := _PLUS_ATTENTION.match(k))})
+        if depth != 4:
+            raise ModelFileError(f"{name} is an IP-Adapter FaceID plus file with a {depth}-block resampler; four "
+                                 "are expected.")
+        model = _face_plus_class()(
+            embed_dims=width, output_dims=resampler["proj_out.weight"][0], hidden_dims=clip, id_embeddings_dim=face,
+            depth=4, dim_head=_PLUS_HEAD_DIM, heads=resampler["layers.0.0.to_q.weight"][0] // _PLUS_HEAD_DIM,
+            num_tokens=proj["proj.2.weight"][0] // width, ffn_ratio=resampler["layers.0.1.1.weight"][0] / width,
+            ffproj_ratio=hidden / face)
+        return model, face, proj["proj.2.weight"][0] // width
     if variant == FULL_FACE:
         embed = proj["proj.0.weight"][1]
         return IPAdapterFullImageProjection(image_embed_dim=embed, cross_attention_dim=cross_dim), embed, 257
@@ -141,6 +194,13 @@ def _projection_state(variant: str, tensors: dict) -> dict:
         names = {"proj.0": "ff.net.0.proj", "proj.2": "ff.net.2", "proj.3": "norm"}
         return {names[k.rsplit(".", 1)[0]] + "." + k.rsplit(".", 1)[1]: v for k, v in tensors.items()}
     out = {}
+    if variant == FACE_ID_PLUS:  # the identity MLP, then the resampler under the plus names (no latents)
+        names = {"proj.0": "proj.net.0.proj", "proj.2": "proj.net.2", "norm": "norm"}
+        for key, tensor in tensors.items():
+            if not key.startswith("perceiver_resampler."):
+                out[names[key.rsplit(".", 1)[0]] + "." + key.rsplit(".", 1)[1]] = tensor
+        return dict(out, **_projection_state(PLUS, {k[len("perceiver_resampler."):]: v for k, v in tensors.items()
+                                                    if k.startswith("perceiver_resampler.")}))
     for key, tensor in tensors.items():
         if m := _PLUS_ATTENTION.match(key):
             i, part, leaf = m.groups()
@@ -165,9 +225,6 @@ def load_ip_adapter(path: Path, keys: FileKeys, dtype=None, device="cpu") -> IPA
     name = Path(path).name
     proj_shapes, ip_shapes = _groups(keys)
     variant = variant_of(proj_shapes, name)
-    if variant == FACE_ID_PLUS:
-        raise ModelFileError(f"{name} is an IP-Adapter FaceID plus model, which this version cannot run yet; use "
-                             "an IP-Adapter FaceID, base, plus or full-face model.")
     slots = sorted({int(m.group(1)) for k in ip_shapes if (m := _IP_KEY.match(k))})
     if not slots or slots != list(range(1, 2 * len(slots), 2)):
         raise ModelFileError(f"{name} looks like an IP-Adapter but its ip_adapter layers are not numbered 1, 3, 5, ...")
@@ -181,7 +238,9 @@ def load_ip_adapter(path: Path, keys: FileKeys, dtype=None, device="cpu") -> IPA
                     for p in ("q", "k", "v", "out")} for n in lora_slots]
     with init_empty_weights():
         projection, embed, tokens = _projection(variant, proj_shapes, cross_dim, name)
-        model = IPAdapter(variant, projection, layer_shapes, embed, tokens, lora_shapes)
+        clip_dim = proj_shapes["perceiver_resampler.proj_in.weight"][1] if variant == FACE_ID_PLUS else None
+        model = IPAdapter(variant, projection, layer_shapes, embed, tokens, lora_shapes, clip_dim=clip_dim,
+                          shortcut=variant == FACE_ID_PLUS and "v2" in Path(path).stem.lower())
     tensors = read_tensors(keys.weights_path)
     state = {f"image_proj.{k}": v for k, v in _projection_state(variant, {
         k[len("image_proj."):]: v for k, v in tensors.items() if k.startswith("image_proj.")}).items()}
