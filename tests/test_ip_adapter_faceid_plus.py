@@ -73,7 +73,9 @@ def _aligned_face(photo):
     return cv2.warpAffine(photo, transform.params[:2], (224, 224), borderValue=0.0)
 
 
-def _reference(unet, state, data, photo, v2: bool):
+def _reference(unet, state, data, photo):
+    """diffusers' path: the UNet with the file's LoRA merged and its FaceID plus processors, fed the identity
+    rows (zeros, face) and the CLIP rows (blank, aligned face); returns a call taking the v2 shortcut flag."""
     reference = copy.deepcopy(unet)
     for n, attention in enumerate(attention_layers(ldm_modules(reference), ("attn1", "attn2"))):
         for part, linear in (("q", attention.to_q), ("k", attention.to_k), ("v", attention.to_v),
@@ -84,10 +86,14 @@ def _reference(unet, state, data, photo, v2: bool):
     projection = reference.encoder_hid_proj.image_projection_layers[0]
     cond, uncond = clip_vision.encode(clip_vision.get_encoder("clip_h"), [_aligned_face(photo)], hidden_states=True)
     projection.clip_embeds = torch.cat([uncond, cond]).unsqueeze(1)  # (rows, images, patches, width)
-    projection.shortcut = v2
     face = torch.from_numpy(face_embedding.embed([photo]))
     added = dict(data.get("added") or {}, image_embeds=[torch.cat([torch.zeros_like(face), face]).unsqueeze(1)])
-    return reference(data["sample"], data["timestep"], data["context"], added_cond_kwargs=added).sample
+
+    def call(v2: bool):
+        projection.shortcut = v2
+        return reference(data["sample"], data["timestep"], data["context"], added_cond_kwargs=added).sample
+
+    return call
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
@@ -97,13 +103,13 @@ def test_faceid_plus_and_v2_equal_diffusers(family, annotator_dir, photo, tmp_pa
     ldm = ldm_unet_like(unet, family)
     y = added_embedding_input(unet, **data["added"]) if family == "sdxl" else None
     state = tiny_models.random_ip_adapter_faceid_plus_state(unet, clip_dim=CLIP_WIDTH)
-    outputs = {}
+    reference, outputs = _reference(unet, state, data, photo), {}
     for filename, v2 in ((f"ip-adapter-faceid-plus_{family}.bin", False),
                          (f"ip-adapter-faceid-plusv2_{family}.bin", True)):
         torch.save(state, tmp_path / filename)
         adapter = load_control_model(tmp_path / filename)
         assert (adapter.variant, adapter.shortcut, adapter.n_tokens) == ("FaceID plus", v2, 4)
-        expected = _reference(unet, state, data, photo, v2)
+        expected = reference(v2)
         with diffusers_host.hooked(unet, _controller(adapter, [photo])):
             got = unet(data["sample"], data["timestep"], data["context"], added_cond_kwargs=data.get("added")).sample
         assert (got - expected).abs().max() <= 1e-4

@@ -52,7 +52,7 @@ class ControlPanel:
         pairs = []
         for unit in self.units:
             for name in UNIT_FIELDS:
-                if name not in ("image", "batch_image_dir", "batch_mask_dir", "independent_image"):
+                if name not in ("image", "batch_image_dir", "batch_mask_dir", "independent_image", "multi_images"):
                     pairs.append((unit.components[name], paste_key(unit.index, name)))
         return pairs
 
@@ -81,6 +81,18 @@ def on_module_change(module: str, pixel_perfect: bool):
     if layout.resolution is not None and pixel_perfect:
         resolution["visible"] = False  # pixel-perfect picks the resolution from the generation size
     return resolution, _slider_update(layout.threshold_a), _slider_update(layout.threshold_b)
+
+
+def on_module_multi_inputs(module: str):
+    """The Multi-Inputs upload shows for preprocessors that feed an image prompt (they name an image encoder),
+    the note saying so otherwise; hiding it drops its files, so a unit switched to another preprocessor never
+    runs on images it no longer shows."""
+    try:
+        prompts = catalog.get_preprocessor(module).image_encoder is not None
+    except Exception:  # an unknown module name: no image prompt
+        prompts = False
+    upload = gr.update(visible=True) if prompts else gr.update(visible=False, value=None)
+    return upload, gr.update(visible=not prompts)
 
 
 def on_control_type_change(control_type: str, module: str, model: str):
@@ -159,6 +171,12 @@ def _build_unit(index: int, options: PanelOptions, modules: list, models: list, 
             c["batch_image_dir"] = gr.Textbox(label="Input directory", placeholder="Folder of control images",
                                               elem_id=eid("batch_image_dir"))
             c["batch_mask_dir"] = gr.Textbox(label="Mask directory (optional)", elem_id=eid("batch_mask_dir"))
+        with gr.Tab("Multi-Inputs", elem_id=eid("multi_tab")):
+            c["multi_images"] = gr.File(label="Images of one image prompt (averaged)", file_count="multiple",
+                                        file_types=["image"], type="file", visible=False,
+                                        elem_id=eid("multi_images"))
+            multi_note = gr.Markdown("Several images on one unit are for image prompts: pick an IP-Adapter "
+                                     "preprocessor to give them.", elem_id=eid("multi_note"))
     with gr.Row(elem_classes=["cnet-toggles"]):
         c["enabled"] = gr.Checkbox(label="Enable", value=False, elem_id=eid("enabled"),
                                    elem_classes=["cnet-unit-enabled"])
@@ -204,6 +222,7 @@ def _build_unit(index: int, options: PanelOptions, modules: list, models: list, 
     sliders = [c["processor_res"], c["threshold_a"], c["threshold_b"]]
     c["module"].change(on_module_change, [c["module"], c["pixel_perfect"]], sliders, queue=False)
     c["pixel_perfect"].change(on_module_change, [c["module"], c["pixel_perfect"]], sliders, queue=False)
+    c["module"].change(on_module_multi_inputs, [c["module"]], [c["multi_images"], multi_note], queue=False)
     c["control_type"].change(on_control_type_change, [c["control_type"], c["module"], c["model"]],
                              [c["module"], c["model"]], queue=False)
     if options.is_img2img:  # the unit's own image only matters when it does not follow the img2img input

@@ -7,6 +7,7 @@ panel's flat values (UNIT_FIELDS per unit) or leading unit objects (dicts or Con
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -20,8 +21,11 @@ UNIT_FIELDS = (
     "module", "model", "weight", "guidance_start", "guidance_end", "processor_res", "threshold_a",
     "threshold_b", "control_mode", "resize_mode", "pixel_perfect", "low_vram", "hr_option",
     "union_control_type",
+    "multi_images",
 )
 PANEL_ONLY_FIELDS = ("independent_image", "control_type")
+# "multi_images": the Multi-Inputs tab's uploaded files (gradio File, file_count="multiple"): when any are given
+# they are the unit's images, a list (an image-prompt unit averages them into one prompt), instead of the sketch.
 
 
 @dataclasses.dataclass
@@ -48,9 +52,25 @@ def sketch_to_image_and_mask(value: Any) -> tuple[Any, Any]:
     return value, None
 
 
+def uploaded_paths(value: Any) -> list[Path]:
+    """gradio File values (temp-file wrappers with `.name`, dicts with "name", or paths) -> their paths."""
+    if not value:
+        return []
+    items = value if isinstance(value, (list, tuple)) else [value]
+    paths = []
+    for item in items:
+        name = item.get("name") if isinstance(item, Mapping) else getattr(item, "name", item)
+        if name:
+            paths.append(Path(name))  # a Path: images.to_pil reads it as a file, never as base64 text
+    return paths
+
+
 def unit_from_values(values: Mapping[str, Any]) -> PanelUnit:
     fields = {k: v for k, v in values.items() if k not in PANEL_ONLY_FIELDS}
+    files = uploaded_paths(fields.pop("multi_images", None))
     image, mask = sketch_to_image_and_mask(fields.pop("image", None))
+    if files:
+        image, mask = files, None
     unit = ControlUnit.from_dict({**fields, "image": image, "mask": mask})
     return PanelUnit(unit, bool(values.get("independent_image", True)))
 
@@ -102,4 +122,5 @@ def values_of(unit: ControlUnit, control_type: str = "All", independent_image: b
     """A unit as the panel's flat values (for defaults and for pasting parameters back)."""
     data = unit.to_dict()
     data.update(control_type=control_type, independent_image=independent_image, image=None)
+    data.update(multi_images=None)
     return [data[name] for name in UNIT_FIELDS]
