@@ -31,6 +31,9 @@ DIFFERENCES = {
     "none": ("sliders: [] where theirs lists a Resolution slider",
              "'none' runs no preprocessor, so a resolution does nothing; theirs lists it only because its "
              "default slider stays visible (a bug). An empty list is safe for clients that index sliders."),
+    "ip-adapter-auto": ("sliders: [] where theirs lists a Resolution slider",
+                        "an image prompt's encoder takes no resolution; theirs lists its base class's default "
+                        "slider, as for 'none'."),
     "threshold": ("Binarization Threshold step 1 where theirs says 0.01",
                   "theirs leaves its default step on an integer threshold over 0..255 (a bug)"),
     "scribble_xdog": ("XDoG Threshold step 1 where theirs says 0.01",
@@ -44,7 +47,7 @@ POSITIONAL_PLACEHOLDERS = ("tile_resample", "tile_colorfix", "tile_colorfix+shar
 
 def _ours_expected(label: str, theirs: dict) -> dict:
     expected = json.loads(json.dumps(theirs))
-    if label == "none":
+    if label in ("none", "ip-adapter-auto"):
         expected["sliders"] = []
     if label in ("threshold", "scribble_xdog"):
         expected["sliders"][1]["step"] = 1
