@@ -57,8 +57,10 @@ def test_multi_inputs_upload_is_the_units_image_list(annotator_dir, tmp_path):
     values = values_of(ControlUnit(enabled=True, module="ip-adapter_clip_h", model="ipa"), control_type="IP-Adapter")
     values[UNIT_FIELDS.index("multi_images")] = files
     values[UNIT_FIELDS.index("image")] = {"image": np.zeros((8, 8, 3), np.uint8), "mask": None}  # the files win
+    values[UNIT_FIELDS.index("independent_image")] = False
     [panel_unit] = units_from_args(values)
     assert isinstance(panel_unit.unit.image, list) and len(panel_unit.unit.image) == 2
+    assert panel_unit.independent_image  # img2img keeps uploaded images rather than its input
 
     unet, _ = diffusers_pair("sd15")
     torch.save(tiny_models.random_ip_adapter_state(unet, "plus", embed_dim=32), tmp_path / "ipa.bin")
@@ -73,4 +75,5 @@ def test_multi_inputs_upload_is_the_units_image_list(annotator_dir, tmp_path):
     assert torch.equal(got, expected) and (got - one).abs().max() > 1e-4  # both images count
     # without files the sketch is the unit's single image, as before
     values[UNIT_FIELDS.index("multi_images")] = None
-    assert units_from_args(values)[0].unit.image.shape == (8, 8, 3)
+    [panel_unit] = units_from_args(values)
+    assert panel_unit.unit.image.shape == (8, 8, 3) and not panel_unit.independent_image

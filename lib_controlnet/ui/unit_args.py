@@ -72,7 +72,8 @@ def unit_from_values(values: Mapping[str, Any]) -> PanelUnit:
     if files:
         image, mask = files, None
     unit = ControlUnit.from_dict({**fields, "image": image, "mask": mask})
-    return PanelUnit(unit, bool(values.get("independent_image", True)))
+    # uploaded Multi-Inputs are the unit's own images: img2img does not replace them with its input
+    return PanelUnit(unit, bool(values.get("independent_image", True)) or bool(files))
 
 
 def is_unit_object(value: Any) -> bool:
