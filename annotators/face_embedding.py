@@ -9,7 +9,8 @@ The steps are insightface's FaceAnalysis ones:
   the scores, box distances and keypoint offsets (in stride units) of two anchors per cell; score >= 0.5, then
   non-maximum suppression at IoU 0.4; the face with the best score is taken;
 - align: the similarity transform (least squares, Umeyama) from its five keypoints onto ArcFace's 112x112
-  template (FaceID plus also takes the face aligned onto the template scaled to 224x224 for CLIP); recognise: (x - 127.5) / 127.5, the embedding divided by its norm (`normed_embedding`).
+  template (FaceID plus also takes the face aligned onto the template scaled to 224x224 for CLIP);
+  recognise: (x - 127.5) / 127.5, the embedding divided by its norm (`normed_embedding`).
 Images are RGB here, which is what insightface feeds its networks after swapping BGR.
 """
 from __future__ import annotations
