@@ -26,6 +26,7 @@ have it). Their LoRA is in the `ip_adapter` group as FaceID's.
 """
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -120,6 +121,7 @@ class IPAdapter(torch.nn.Module):
         return self.image_proj(encoded.to(device=self.device, dtype=self.dtype))
 
 
+@functools.lru_cache(maxsize=None)
 def _face_plus_class():
     """diffusers' FaceID plus projection (its modules and names), called with the CLIP hidden states as an
     argument rather than an attribute set beforehand, and with the v2 shortcut per call."""
