@@ -94,6 +94,21 @@ def _manga_line():
     return manga_line.network().state_dict()
 
 
+def _lama(ngf: int = 64, n_blocks: int = 18):
+    """big-lama's generator as ControlNetLama.pth stores it (bare `model.*` keys); batch-norm statistics random
+    too, so folding them is exercised."""
+    import torch
+
+    from annotators.lama_network import LamaGenerator
+
+    net = LamaGenerator(ngf=ngf, n_blocks=n_blocks)
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    return net.state_dict()
+
+
 BUILDERS: dict[str, Callable[[], dict]] = {
     "ControlNetHED.pth": _hed,
     "table5_pidinet.pth": _pidinet,
@@ -111,6 +126,7 @@ BUILDERS: dict[str, Callable[[], dict]] = {
     "body_pose_model.pth": _body,
     "hand_pose_model.pth": _hand,
     "facenet.pth": _face,
+    "ControlNetLama.pth": _lama,
 }
 
 
@@ -160,3 +176,15 @@ def write_segmentation(directory: Path, seed: int = 0) -> list[Path]:
                                  id2label=labels, label2id={v: k for k, v in labels.items()})
         OneFormerForUniversalSegmentation(config).save_pretrained(oneformer_dir)
     return [upernet_dir, oneformer_dir]
+
+
+def write_lama(directory: Path, ngf: int = 8, n_blocks: int = 2, seed: int = 0) -> Path:
+    """ControlNetLama.pth at reduced width and depth (the released layout and key names; `lama_network` reads
+    the width and block count from the shapes): a few hundred kB instead of 200 MB, for tests."""
+    import torch
+
+    path = Path(directory) / "ControlNetLama.pth"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    torch.save(_lama(ngf, n_blocks), path)
+    return path

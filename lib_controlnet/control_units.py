@@ -153,7 +153,8 @@ def _detect(unit: ControlUnit, job: ControlJob):
                 resolution = None if unit.processor_res == -1 else unit.processor_res  # None: its default
             rgb = preprocess.run(unit.module, rgb, resolution=resolution,
                                  threshold_a=None if unit.threshold_a == -1 else unit.threshold_a,
-                                 threshold_b=None if unit.threshold_b == -1 else unit.threshold_b)
+                                 threshold_b=None if unit.threshold_b == -1 else unit.threshold_b,
+                                 mask=mask)  # inpaint_only+lama fills the masked area with it
         detected.append(rgb[..., :3])
         if mask is not None:
             # drawn on the input image; brought to the detected map's size so both are resized alike

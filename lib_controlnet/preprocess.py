@@ -188,6 +188,8 @@ REGISTRY: tuple[Preprocessor, ...] = (
     # picks the encoder / face pipeline from the chosen adapter's variant and widths, read from its keys
     _p("ip-adapter-auto", "ip-adapter-auto", "IP-Adapter", "annotators.clip_vision:preview", resolution=None,
        model_free=False, image_encoder="auto"),
+    _p("inpaint_only+lama", "inpaint_only+lama", "Inpaint", "annotators.lama:inpaint_lama", resolution=None,
+       model_free=False),
 )
 
 # The control types of the panel's radio, each with the preprocessor it selects by default (label).

@@ -127,7 +127,7 @@ def run_preview(sketch, module, processor_res, threshold_a, threshold_b, pixel_p
                 width=512, height=512):
     from lib_controlnet import preprocess
 
-    image, _mask = sketch_to_image_and_mask(sketch)
+    image, mask = sketch_to_image_and_mask(sketch)
     if image is None:
         raise gr.Error("Upload a control image first.")
     if not module or module == catalog.NO_MODULE:
@@ -137,9 +137,10 @@ def run_preview(sketch, module, processor_res, threshold_a, threshold_b, pixel_p
             processor_res = preprocess.pixel_perfect_resolution(
                 image.shape[:2], int(width), int(height), ResizeMode.parse(resize_mode, "resize_mode"))
         resolution = int(processor_res) if processor_res and processor_res > 0 else 512
-        return preprocess.run(module, image, resolution=resolution,
-                              threshold_a=None if threshold_a == -1 else threshold_a,
-                              threshold_b=None if threshold_b == -1 else threshold_b)
+        detected = preprocess.run(module, image, resolution=resolution,
+                                  threshold_a=None if threshold_a == -1 else threshold_a,
+                                  threshold_b=None if threshold_b == -1 else threshold_b, mask=mask)
+        return detected[..., :3]  # inpaint maps carry the mask as alpha: show the colours (LaMa's fill)
     except UserError as error:
         raise gr.Error(str(error)) from None
 
