@@ -109,6 +109,14 @@ def _lama(ngf: int = 64, n_blocks: int = 18):
     return net.state_dict()
 
 
+def _anime_face():
+    """The anime-face U-Net under the `module.` prefix a DataParallel save gives (the loader strips it, as the
+    other extension's does; bare keys load too)."""
+    from annotators.anime_face import build
+
+    return {f"module.{k}": v for k, v in build().state_dict().items()}
+
+
 BUILDERS: dict[str, Callable[[], dict]] = {
     "ControlNetHED.pth": _hed,
     "table5_pidinet.pth": _pidinet,
@@ -127,6 +135,7 @@ BUILDERS: dict[str, Callable[[], dict]] = {
     "hand_pose_model.pth": _hand,
     "facenet.pth": _face,
     "ControlNetLama.pth": _lama,
+    "UNet.pth": _anime_face,
 }
 
 

@@ -74,6 +74,8 @@ WEIGHTS: dict[str, WeightFile] = {w.filename: w for w in (
     WeightFile("dw-ll_ucoco_384.onnx", "openpose", repo="yzd-v/DWPose"),
     WeightFile("rtmpose-m_ap10k_256.onnx", "openpose", repo="hr16/UnJIT-DWPose"),
     WeightFile("ControlNetLama.pth", "lama"),
+    WeightFile("UNet.pth", "anime_face_segment", repo="bdsqlsz/qinglong_controlnet-lllite",
+               repo_path="Annotators/UNet.pth"),
     # Segmentation runs transformers models: a folder holding config.json and the weights
     # (save_pretrained output of openmmlab/upernet-convnext-small or shi-labs/oneformer_ade20k_swin_tiny).
     WeightFile("upernet-convnext-small", "segmentation", repo="openmmlab/upernet-convnext-small"),
