@@ -21,6 +21,9 @@ $(VENV)/.installed: requirements.txt requirements/test.txt requirements/constrai
 	$(PIP) install $(PIN) -r requirements/test.txt
 	# The WebUI's own ldm package and the CLIP BPE file; both hard-pin an old stack, so no deps.
 	$(PIP) install $(PIN) --no-deps stable-diffusion-sdkit==2.1.5 open_clip_torch==2.20.0
+	# mediapipe_face: the newest mediapipe with a face mesh that runs beside protobuf 3.20.0; no deps, since it
+	# declares opencv-contrib-python (a second cv2/) and sounddevice (audio only). matplotlib comes with gradio.
+	$(PIP) install $(PIN) --no-deps mediapipe==0.10.9 absl-py
 	touch $@
 
 browser-deps:

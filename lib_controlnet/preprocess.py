@@ -149,6 +149,8 @@ REGISTRY: tuple[Preprocessor, ...] = (
        model_free=False, pad_multiple=8),
     _p("scribble_xdog", "scribble_xdog", "Scribble", f"{_E}:scribble_xdog",
        threshold_a=Slider("XDoG Threshold", 1, 64, 32, 1)),
+    _p("mediapipe_face", "mediapipe_face", "All", "annotators.mediapipe_face:mediapipe_face",
+       threshold_a=Slider("Max Faces", 1, 10, 1, 1), threshold_b=Slider("Min Face Confidence", 0.01, 1.0, 0.5)),
     _p("mlsd", "mlsd", "MLSD", "annotators.mlsd:mlsd", model_free=False,
        threshold_a=Slider("MLSD Value Threshold", 0.01, 2.0, 0.1, 0.01),
        threshold_b=Slider("MLSD Distance Threshold", 0.01, 20.0, 0.1, 0.01)),
