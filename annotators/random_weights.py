@@ -161,7 +161,7 @@ def write_segmentation(directory: Path, seed: int = 0) -> list[Path]:
     The architectures are the real ones at reduced width and depth, so transformers' own from_pretrained and
     forward run; a user's folder holds the full-size save_pretrained output instead."""
     import torch
-    from transformers import (ConvNextConfig, OneFormerConfig, OneFormerForUniversalSegmentation, SwinConfig,
+    from transformers import (ConvNextConfig, OneFormerForUniversalSegmentation,
                               UperNetConfig, UperNetForSemanticSegmentation)
 
     directory = Path(directory)
@@ -176,15 +176,34 @@ def write_segmentation(directory: Path, seed: int = 0) -> list[Path]:
                                id2label=labels, label2id={v: k for k, v in labels.items()})
         UperNetForSemanticSegmentation(config).save_pretrained(upernet_dir)
     if not (oneformer_dir / "config.json").exists():
-        backbone = SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4,
-                              out_features=["stage1", "stage2", "stage3", "stage4"])
-        config = OneFormerConfig(backbone_config=backbone, hidden_dim=32, conv_dim=32, mask_dim=32,
-                                 num_queries=8, encoder_layers=1, decoder_layers=2, dim_feedforward=64,
-                                 text_encoder_width=32, text_encoder_num_layers=1, text_encoder_context_length=77,
-                                 text_encoder_proj_layers=1, text_encoder_n_ctx=4, num_attention_heads=2,
-                                 id2label=labels, label2id={v: k for k, v in labels.items()})
-        OneFormerForUniversalSegmentation(config).save_pretrained(oneformer_dir)
+        OneFormerForUniversalSegmentation(_tiny_oneformer_config(labels)).save_pretrained(oneformer_dir)
     return [upernet_dir, oneformer_dir]
+
+
+def _tiny_oneformer_config(labels: dict):
+    from transformers import OneFormerConfig, SwinConfig
+
+    backbone = SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4,
+                          out_features=["stage1", "stage2", "stage3", "stage4"])
+    return OneFormerConfig(backbone_config=backbone, hidden_dim=32, conv_dim=32, mask_dim=32,
+                           num_queries=8, encoder_layers=1, decoder_layers=2, dim_feedforward=64,
+                           text_encoder_width=32, text_encoder_num_layers=1, text_encoder_context_length=77,
+                           text_encoder_proj_layers=1, text_encoder_n_ctx=4, num_attention_heads=2,
+                           id2label=labels, label2id={v: k for k, v in labels.items()})
+
+
+def write_oneformer_coco(directory: Path, seed: int = 0) -> Path:
+    """A small random OneFormer folder with COCO panoptic's 133 labels, under the folder name seg_ofcoco looks for
+    (the real architecture at reduced width and depth, as write_segmentation's)."""
+    import torch
+    from transformers import OneFormerForUniversalSegmentation
+
+    folder = Path(directory) / "oneformer_coco_swin_large"
+    torch.manual_seed(seed)
+    if not (folder / "config.json").exists():
+        labels = {i: f"class_{i}" for i in range(133)}
+        OneFormerForUniversalSegmentation(_tiny_oneformer_config(labels)).save_pretrained(folder)
+    return folder
 
 
 def write_lama(directory: Path, ngf: int = 8, n_blocks: int = 2, seed: int = 0) -> Path:

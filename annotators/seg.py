@@ -3,6 +3,11 @@
 seg_ufade20k runs UperNet (folder `upernet-convnext-small`: save_pretrained of openmmlab/upernet-convnext-small);
 seg_ofade20k runs OneFormer (folder `oneformer_ade20k_swin_tiny`: save_pretrained of
 shi-labs/oneformer_ade20k_swin_tiny, tokenizer files included or the shipped CLIP tokenizer is used).
+seg_ofcoco runs OneFormer trained on COCO panoptic (folder `oneformer_coco_swin_large`: save_pretrained of
+shi-labs/oneformer_coco_swin_large), its 133 classes in COCO panoptic's colours (annotators/coco_palette.py).
+The other extension's detectron2 checkpoints (250_16_swin_l_oneformer_ade20k_160k.pth,
+150_16_swin_l_oneformer_coco_100ep.pth) are the originals those Hugging Face folders were converted from
+(transformers' convert_to_hf_oneformer.py); they are not read here.
 Both folders go in the annotator folder; nothing is fetched from the hub.
 """
 from __future__ import annotations
@@ -30,8 +35,8 @@ def _normalised(images):
     return (x - mean) / std
 
 
-def _colour(labels) -> list[np.ndarray]:
-    palette = _palette()
+def _colour(labels, palette=None) -> list[np.ndarray]:
+    palette = _palette() if palette is None else palette
     return [palette[np.asarray(label) % len(palette)] for label in labels.cpu().numpy()]
 
 
@@ -87,7 +92,7 @@ def _oneformer(folder_name: str, label: str):
     return load
 
 
-def _oneformer_semantic(key: str, folder_name: str, label: str):
+def _oneformer_semantic(key: str, folder_name: str, label: str, palette=None):
     def run(images, p: Params):
         import torch
 
@@ -100,9 +105,19 @@ def _oneformer_semantic(key: str, folder_name: str, label: str):
             scores = torch.einsum("bqc,bqhw->bchw", classes, masks)
             scores = torch.nn.functional.interpolate(scores, size=pixels.shape[-2:], mode="bilinear",
                                                      align_corners=False)
-            return _colour(scores.argmax(dim=1))
+            return _colour(scores.argmax(dim=1), palette)
 
     return run
 
 
 oneformer_ade20k = batchable(_oneformer_semantic("oneformer_ade20k", "oneformer_ade20k_swin_tiny", "seg_ofade20k"))
+
+
+def _coco_palette() -> np.ndarray:
+    from annotators.coco_palette import COCO_PANOPTIC_COLORS
+
+    return np.asarray(COCO_PANOPTIC_COLORS, dtype=np.uint8)
+
+
+oneformer_coco = batchable(_oneformer_semantic("oneformer_coco", "oneformer_coco_swin_large", "seg_ofcoco",
+                                               palette=_coco_palette()))

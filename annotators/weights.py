@@ -80,6 +80,7 @@ WEIGHTS: dict[str, WeightFile] = {w.filename: w for w in (
     # (save_pretrained output of openmmlab/upernet-convnext-small or shi-labs/oneformer_ade20k_swin_tiny).
     WeightFile("upernet-convnext-small", "segmentation", repo="openmmlab/upernet-convnext-small"),
     WeightFile("oneformer_ade20k_swin_tiny", "oneformer", repo="shi-labs/oneformer_ade20k_swin_tiny"),
+    WeightFile("oneformer_coco_swin_large", "oneformer", repo="shi-labs/oneformer_coco_swin_large"),
 )}
 
 

@@ -12,6 +12,7 @@ whose maps equal controlnet-aux's.
     python benchmarks/bench_preprocess.py --heavy --images 2 --reps 1 --rounds 1   # + the large networks
     python benchmarks/bench_preprocess.py --only depth_zoe,mlsd                     # just these maps
     python benchmarks/bench_preprocess.py --paired --only lineart_anime,mlsd        # both sides in one process
+    python benchmarks/bench_preprocess.py --only mediapipe_face --images 1 --rounds 1   # needs mediapipe 0.10.9
 
 --paired times both sides in one process per map, image by image in alternation, so a slow spell of a shared
 machine falls on both sides alike; it reports time ratios only (one process holds both networks, so its peak
@@ -54,6 +55,8 @@ HEAVY = {"depth_midas": ("midas", "MidasDetector", {}),
 HEAVY_FILES = ["dpt_hybrid-midas-501f0c75.pt", "scannet.pt", "res101.pth", "latest_net_G.pth",
                "body_pose_model.pth", "hand_pose_model.pth", "facenet.pth", "ZoeD_M12_N.pt"]
 NEURAL_ALL = {**NEURAL, **HEAVY}
+# only with --only (an optional package): mediapipe's face mesh needs no weight file on either side
+OPTIONAL = {"mediapipe_face": ("mediapipe_face", "MediapipeFaceDetector", {})}
 SIDES = ("ours", "aux", "ours-float32", "ours-batch")
 PAIRED = "paired"
 
@@ -124,7 +127,7 @@ def _aux_call(name: str, args, device=None):
     """controlnet-aux's detector for `name`, moved to `device` when given (its users call .to themselves)."""
     import controlnet_aux  # the peer as its users import it
 
-    _, cls, kw = {**MODEL_FREE, **NEURAL_ALL}[name]
+    _, cls, kw = {**MODEL_FREE, **NEURAL_ALL, **OPTIONAL}[name]
     detector_class = getattr(controlnet_aux, cls)
     detector = detector_class.from_pretrained(args.weights, **kw) if name in NEURAL_ALL else detector_class()
     if device is not None and hasattr(detector, "to"):
@@ -211,7 +214,7 @@ def _print_paired(times: dict, names, rounds: int, args) -> None:
     print(f"{'map':<22}{'ours s/map':>12}{'aux s/map':>12}{'ratio':>8}   target")
     for name in names:
         ours, aux = times[name], times[name + " (aux)"]
-        print(f"{name:<22}{ours:>12.4f}{aux:>12.4f}{aux / ours:>7.2f}x   >= {1.0 if name in MODEL_FREE else 1.3}x")
+        print(f"{name:<22}{ours:>12.4f}{aux:>12.4f}{aux / ours:>7.2f}x   >= {1.0 if name in MODEL_FREE or name in OPTIONAL else 1.3}x")
 
 
 def main() -> None:
@@ -239,7 +242,7 @@ def main() -> None:
     neural = (QUICK_NEURAL if args.quick else list(NEURAL)) + (list(HEAVY) if args.heavy else [])
     names = list(MODEL_FREE) + neural
     if args.only:
-        unknown = set(args.only.split(",")) - set(MODEL_FREE) - set(NEURAL_ALL)
+        unknown = set(args.only.split(",")) - set(MODEL_FREE) - set(NEURAL_ALL) - set(OPTIONAL)
         if unknown:
             parser.error(f"unknown map(s): {', '.join(sorted(unknown))}")
         names = args.only.split(",")
@@ -278,7 +281,7 @@ def main() -> None:
           f"torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}, default precision here: "
           f"{best['ours']['precision']}")
     print(f"{'map':<22}{'ours s/map':>12}{'aux s/map':>12}{'ratio':>8}   target   peak MB ours / aux")
-    groups = {"model-free": [name for name in names if name in MODEL_FREE], "neural": neural}
+    groups = {"model-free": [name for name in names if name in MODEL_FREE or name in OPTIONAL], "neural": neural}
     for group, members in groups.items():
         if not members:
             continue

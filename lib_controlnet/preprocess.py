@@ -157,6 +157,7 @@ REGISTRY: tuple[Preprocessor, ...] = (
     _p("segmentation", "seg_ufade20k", "Segmentation", "annotators.seg:upernet_ade20k", model_free=False,
        pad_multiple=32),
     _p("oneformer_ade20k", "seg_ofade20k", "Segmentation", "annotators.seg:oneformer_ade20k", model_free=False),
+    _p("oneformer_coco", "seg_ofcoco", "Segmentation", "annotators.seg:oneformer_coco", model_free=False),
     _p("anime_face_segment", "seg_anime_face", "Segmentation", "annotators.anime_face:anime_face", model_free=False),
     _p("shuffle", "shuffle", "Shuffle", "annotators.shuffle:shuffle", resolution=None, fixed_resolution=512),
     _p("tile_resample", "tile_resample", "Tile", f"{_T}:tile_resample", resolution=None,
