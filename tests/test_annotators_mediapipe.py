@@ -32,6 +32,8 @@ def test_face_mesh_drawn_as_controlnet_aux_draws_it():
     assert (out[drawn][:, 1] >= 180).all()  # every one of their face colours is mostly green
     # no face: a black map; a confidence no detection reaches: a black map too
     assert not preprocess.run("mediapipe_face", np.full((128, 128, 3), 127, np.uint8), use_cache=False).any()
+    # the graph kept from the first call draws the same map again
+    np.testing.assert_array_equal(preprocess.run("mediapipe_face", FACE, use_cache=False), theirs)
     assert not preprocess.run("mediapipe_face", FACE, threshold_b=1.0, use_cache=False).any()
 
 
