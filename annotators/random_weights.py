@@ -206,7 +206,7 @@ def write_oneformer_coco(directory: Path, seed: int = 0) -> Path:
     return folder
 
 
-def write_lama(directory: Path, ngf: int = 8, n_blocks: int = 2, seed: int = 0) -> Path:
+def write_lama(directory: Path, ngf: int = 4, n_blocks: int = 2, seed: int = 0) -> Path:
     """ControlNetLama.pth at reduced width and depth (the released layout and key names; `lama_network` reads
     the width and block count from the shapes): a few hundred kB instead of 200 MB, for tests."""
     import torch
