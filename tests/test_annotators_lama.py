@@ -40,7 +40,8 @@ def test_the_released_layout_is_big_lama():
     with torch.device("meta"):
         state = lama_network.LamaGenerator().state_dict()
     assert sum(v.numel() for k, v in state.items() if "num_batches" not in k and "running" not in k) == 50_975_875
-    for key in ("model.1.ffc.convl2l.weight", "model.4.ffc.convl2g.weight", "model.5.conv1.ffc.convg2g.fu.conv_layer.weight",
+    for key in ("model.1.ffc.convl2l.weight", "model.4.ffc.convl2g.weight",
+                "model.5.conv1.ffc.convg2g.fu.conv_layer.weight",
                 "model.22.conv2.bn_g.running_var", "model.24.weight", "model.25.running_mean", "model.34.bias"):
         assert key in state, key
     assert tuple(state["model.4.ffc.convl2g.weight"].shape) == (384, 256, 3, 3)

@@ -38,7 +38,8 @@ def test_face_mesh_drawn_as_controlnet_aux_draws_it():
 
 
 def test_without_mediapipe_one_sentence(monkeypatch):
-    for name in [n for n in sys.modules if n == "mediapipe" or n.startswith(("mediapipe.", "controlnet_aux.mediapipe"))]:
+    prefixes = ("mediapipe.", "controlnet_aux.mediapipe")
+    for name in [n for n in sys.modules if n == "mediapipe" or n.startswith(prefixes)]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "mediapipe", None)  # import mediapipe -> ImportError, as where it is absent
     with pytest.raises(UserError, match=r"^mediapipe_face needs the mediapipe package, which is not installed: run "
