@@ -103,3 +103,10 @@ def test_cli_and_generation_hint_carry_the_fill(annotator_dir, tmp_path):
     detected, masks = _detect(unit, ControlJob(units=[unit], width=152, height=104, steps=1))
     np.testing.assert_array_equal(detected[0], written[..., :3])
     np.testing.assert_array_equal(masks[0], MASK / 255.0)
+    # the panel's preview of a sketch (strokes opaque on a clear layer) shows the fill, not a transparent image
+    from lib_controlnet.ui.control_panel import run_preview
+
+    strokes = np.zeros(IMAGE.shape[:2] + (4,), np.uint8)
+    strokes[MASK == 255] = 255
+    preview = run_preview({"image": IMAGE, "mask": strokes}, "inpaint_only+lama", -1, -1, -1, False, "Crop and Resize")
+    np.testing.assert_array_equal(preview, written[..., :3])
