@@ -24,6 +24,7 @@ from lib_controlnet.control_units import (SOFT_WEIGHT_BASE, ControlError, Contro
                                           prepare_units)
 from lib_controlnet.models.kinds import ENCODER_FEATURES, RESIDUALS
 from lib_controlnet.models.kinds import ATTENTION, AttentionCall
+from lib_controlnet.models.kinds import REFERENCE
 from lib_controlnet.unit import ControlMode, HiResFixOption
 
 ALL_ROWS = slice(None)
@@ -154,6 +155,8 @@ class Controller:
             return None
         total: Optional[Residuals] = None
         for prepared, union_group in control_union.groups(active):
+            if prepared.kind.control == REFERENCE:  # run by the host's reference hooks (reference_passes)
+                continue
             if prepared.unit.control_mode == ControlMode.CONTROL:
                 selection = _select(rows, lambda c: c)  # unconditional rows get zero: skip computing them
                 if selection is None:
@@ -182,6 +185,24 @@ class Controller:
                 raise ControlError(f"'{prepared.unit.model}' is a {prepared.kind.name} model, which the "
                                    "controller cannot run yet.")
         return total
+
+    def reference_passes(self, call: UNetCall) -> tuple[list, RowLayout]:
+        """The reference passes (lib_controlnet.reference) a host runs before this call's real pass. Call it
+        before `residuals` for the same call: it reads the call's rows without moving on to the next call's."""
+        from lib_controlnet import reference
+
+        cursor = self._cursor
+        try:
+            rows = self._take_rows(call.sample.shape[0])
+        finally:
+            self._cursor = cursor
+        return reference.plan_passes(self, call, rows), rows
+
+    def reference_generator(self) -> torch.Generator:
+        """The reference units' noise: one CPU generator per controller, so a repeated job repeats exactly."""
+        if getattr(self, "_reference_generator", None) is None:
+            self._reference_generator = torch.Generator("cpu").manual_seed(int(self.job.reference_seed))
+        return self._reference_generator
 
     def _take_rows(self, batch: int) -> RowLayout:
         rows = self._rows

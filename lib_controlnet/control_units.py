@@ -105,6 +105,11 @@ class ControlJob:
     hires_fix: bool = False  # whether this job has a second (hires-fix) pass; hr_option only matters then
     offload_device: Union[str, torch.device] = "cpu"  # where low-VRAM units' models wait between calls
     load_model: Optional[Callable[[str], Any]] = None  # name or path -> diffusers ControlNetModel
+    # reference units (lib_controlnet.reference): images (N, 3, H, W) in [0, 1] -> the base's latents (scaled);
+    # the base's alphas_cumprod, to noise them to each step's timestep; the seed of that noise
+    encode_latent: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    alphas_cumprod: Any = None
+    reference_seed: int = 0
 
 
 def prepare_units(job: ControlJob) -> list[PreparedUnit]:
@@ -116,6 +121,15 @@ def prepare_units(job: ControlJob) -> list[PreparedUnit]:
             continue
         unit: ControlUnit = item
         if not unit.is_active:
+            continue
+        from lib_controlnet import reference
+
+        if reference.is_reference(unit.module):  # no model file: the model field is not read
+            if unit.image is None:
+                raise ControlError(f"ControlNet unit {index} ({unit.module}) has no reference image.")
+            source, mask = _detect(unit, job)
+            prepared.append(PreparedUnit(unit=unit, model=reference.ReferenceModel(unit.module), source=source,
+                                         mask=mask))
             continue
         if not unit.uses_model:
             raise ControlError(f"ControlNet unit {index} has no model selected.")

@@ -50,6 +50,7 @@ REMOVE_NEAR = Slider("Remove Near %", 0, 100, 0, 0.1)
 REMOVE_BACKGROUND = Slider("Remove Background %", 0, 100, 0, 0.1)
 GAMMA = Slider("Gamma Correction", 0.1, 2.0, 1.0, 0.001)
 VARIATION = Slider("Variation", 3.0, 32.0, 8.0, 1.0)
+STYLE_FIDELITY = Slider("Style Fidelity (only for Balanced mode)", 0.0, 1.0, 0.5, 0.01)
 
 AnnotatorFn = Callable[[np.ndarray, Params], np.ndarray]
 
@@ -69,6 +70,7 @@ class Preprocessor:
     aliases: tuple[str, ...] = ()
     fixed_resolution: Optional[int] = None  # resized to this whatever the request says (no resolution slider)
     image_encoder: Optional[str] = None  # image prompts: the CLIP tower (annotators.clip_vision) encoding them
+    runs_without_model: bool = False  # reference-only: the unit runs with model "None" (lib_controlnet.reference)
 
     def names(self) -> tuple[str, ...]:
         return (self.name, self.label) + self.aliases
@@ -195,6 +197,10 @@ REGISTRY: tuple[Preprocessor, ...] = (
     _p("inpaint_only+lama", "inpaint_only+lama", "Inpaint", "annotators.lama:inpaint_lama", resolution=None,
        model_free=False),
 )
+# Reference-only: the image itself is the reference; the style fidelity acts at sampling time.
+REGISTRY += tuple(_p(name, name, "Reference", f"{_T}:identity", resolution=None, threshold_a=STYLE_FIDELITY,
+                     runs_without_model=True)
+                  for name in ("reference_only", "reference_adain", "reference_adain+attn"))
 
 # The control types of the panel's radio, each with the preprocessor it selects by default (label).
 CONTROL_TYPES: dict[str, str] = {
@@ -205,6 +211,7 @@ CONTROL_TYPES: dict[str, str] = {
     "Recolor": "recolor_luminance", "T2I-Adapter": "none",
     "IP-Adapter": "ip-adapter_clip_h",
 }
+CONTROL_TYPES["Reference"] = "reference_only"
 
 _BY_NAME: dict[str, Preprocessor] = {}
 for _pre in REGISTRY:
@@ -236,8 +243,8 @@ def module_detail(alias_names: bool = False) -> dict[str, dict]:
     out = {}
     for name in list_modules(alias_names):
         pre = get_preprocessor(name)
-        # model_free, as that extension means it: runs without a ControlNet model (reference-only); none here do
-        out[name] = {"model_free": False, "sliders": pre.api_sliders(), "control_type": pre.control_type,
+        # model_free, as that extension means it: runs without a ControlNet model (reference-only)
+        out[name] = {"model_free": pre.runs_without_model, "sliders": pre.api_sliders(), "control_type": pre.control_type,
                      "needs_weights": not pre.model_free}
     return out
 

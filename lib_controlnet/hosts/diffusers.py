@@ -4,8 +4,9 @@ One forward pre-hook (with kwargs) per job: it asks the Controller for the step'
 `down_block_additional_residuals` / `mid_block_additional_residual`, the UNet's own ControlNet inputs, added
 to any residuals the caller passed already; T2I-Adapter features go in as `down_intrablock_additional_residuals`,
 the UNet's own adapter input (it adds them where diffusers' adapter pipelines do). ATTENTION kinds (LLLite)
-hook the attention layers they condition, found under their ldm names. `forward` is never replaced,
-so other wrappers keep working.
+hook the attention layers they condition, found under their ldm names. Reference units (lib_controlnet.reference)
+add hooks on every transformer block's attn1 and on the modules whose outputs are the ldm UNet's block outputs,
+so they act as on the WebUI's UNet. `forward` is never replaced, so other wrappers keep working.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from typing import Iterator
 
 from lib_controlnet.control import Controller, UNetCall
 from lib_controlnet.models.kinds.base_unet import ldm_modules
+from lib_controlnet.models.kinds import REFERENCE
+from lib_controlnet.reference import ReferenceHooks, Removal, adain_layers, attention_weights, check_units
 
 _POSITIONAL = ("sample", "timestep", "encoder_hidden_states")
 
@@ -25,7 +28,7 @@ def _argument(name: str, args: tuple, kwargs: dict):
     return args[index] if len(args) > index else None
 
 
-def _pre_hook(controller: Controller, state: dict):
+def _pre_hook(controller: Controller, state: dict, references=None):
     def hook(module, args, kwargs):
         state.clear()  # ATTENTION units' inputs for this call only
         added = kwargs.get("added_cond_kwargs") or {}
@@ -36,6 +39,12 @@ def _pre_hook(controller: Controller, state: dict):
             text_embeds=added.get("text_embeds"),
             time_ids=added.get("time_ids"),
         )
+        if references is not None:
+            passes, rows = controller.reference_passes(call)
+            plain = {k: kwargs[k] for k in ("added_cond_kwargs", "timestep_cond", "cross_attention_kwargs")
+                     if kwargs.get(k) is not None}
+            references.run(passes, rows, lambda sample: module.forward(
+                sample, call.timestep, encoder_hidden_states=call.context, return_dict=False, **plain))
         residuals = controller.residuals(call)
         if residuals is None:
             return None
@@ -73,15 +82,53 @@ def hooked(unet, controller: Controller) -> Iterator[Controller]:
             raise ControlError(
                 f"ControlNet '{prepared.unit.model}' gives {prepared.n_residuals} residuals but this UNet takes "
                 f"{expected + 1}: it was made for another base model (SD1.5 / SD2 / SDXL).")
+    references = None
+    if any(prepared.kind.control == REFERENCE for prepared in controller.units):
+        references = reference_hooks(unet, controller)
     state: dict = {}
-    handles = [unet.register_forward_pre_hook(_pre_hook(controller, state), with_kwargs=True),
+    handles = [unet.register_forward_pre_hook(_pre_hook(controller, state, references), with_kwargs=True),
                unet.register_forward_hook(lambda module, args, output: state.clear())]
     try:
         # ATTENTION kinds (LLLite): pre-hooks on the attention layers, found by their ldm names
         handles.extend(controller.attach(lambda: ldm_modules(unet), lambda key: state.get(key)))
+        if references is not None:
+            references.install()
+            handles.append(unet.register_forward_hook(lambda *_: references.reset()))  # records: one call's only
+            handles.append(Removal(references))
         yield controller
     finally:
         for handle in handles:
             handle.remove()
         state.clear()
         controller.close()
+
+
+def reference_hooks(unet, controller) -> ReferenceHooks:
+    """Reference units' hook points: attn1 of every self-attending transformer block (in the ldm UNet's order:
+    encoder, middle, decoder), and for AdaIN the module whose output is each ldm input / output block's output
+    (the attention of a resnet + attention pair, else the resnet; a level's downsampler / upsampler)."""
+    blocks = [m for part in (unet.down_blocks, [unet.mid_block], unet.up_blocks) for p in part for m in p.modules()
+              if hasattr(m, "attn1") and hasattr(m, "norm1")]
+    attention = [(block.attn1, weight) for block, weight in zip(blocks, attention_weights(blocks))
+                 if not getattr(block, "only_cross_attention", False)]
+    check_units(controller.units)
+    encoder, decoder = {}, {}
+    k = 0
+    for block in unet.down_blocks:
+        for j, resnet in enumerate(block.resnets):
+            k += 1
+            attentions = getattr(block, "attentions", None)
+            encoder[k] = attentions[j] if attentions else resnet
+        if block.downsamplers:
+            k += 1
+            encoder[k] = block.downsamplers[0]
+    k = 0
+    for block in unet.up_blocks:
+        for j, resnet in enumerate(block.resnets):
+            attentions = getattr(block, "attentions", None)
+            decoder[k] = attentions[j] if attentions else resnet
+            if j == len(block.resnets) - 1 and block.upsamplers:
+                decoder[k] = block.upsamplers[0]
+            k += 1
+    adain = adain_layers(unet.mid_block, encoder, decoder, len(encoder) + 1)  # + conv_in, input block 0
+    return ReferenceHooks(attention, adain, context_kwarg="encoder_hidden_states")

@@ -12,6 +12,8 @@ Module hooks only, never a replaced `forward`, so other extensions that wrap the
   blocks, after feature i-1's block, whose output has the feature's channels and resolution. That is where
   diffusers' UNet adds `down_intrablock_additional_residuals` (SD1.5: blocks 2, 5, 8, 11; SDXL: 3, 5, 8, and
   the 4th onto the middle block's output).
+- reference units (lib_controlnet.reference): in the UNet pre-hook, the plain UNet first runs on the noised
+  reference to record; hooks on each transformer block's attn1 and on the AdaIN blocks record and read.
 All hooks go away when the `hooked` block ends: after success, an exception, or the user's Interrupt.
 
 How the WebUI layer drives it, per job:
@@ -35,12 +37,15 @@ import torch
 from lib_controlnet.control import ControlError, Controller, Residuals, UNetCall
 from lib_controlnet.models.kinds import RESIDUALS
 from lib_controlnet.models.kinds.base_unet import ldm_modules
+from lib_controlnet.models.kinds import REFERENCE
+from lib_controlnet import reference
 
 
 class _State:
     residuals: Optional[Residuals] = None
     encoder: dict = {}  # input block index -> feature to add to its output, for the current call
     attention: Optional[dict] = None  # id(unit) -> AttentionCall of each ATTENTION unit, for the current call
+    reference = None  # lib_controlnet.reference.ReferenceHooks when the job has reference units
 
 
 def block_levels(unet) -> list[tuple[int, int]]:
@@ -91,8 +96,13 @@ def _unet_pre_hook(controller: Controller, state: _State, levels: list):
         state.residuals, state.encoder = None, {}  # never let a failed call's control leak into the next one
         state.attention = None
         sample = arg("x", 0)
-        residuals = controller.residuals(UNetCall(
-            sample=sample, timestep=arg("timesteps", 1), context=arg("context", 2), y=arg("y", 3)))
+        call = UNetCall(sample=sample, timestep=arg("timesteps", 1), context=arg("context", 2), y=arg("y", 3))
+        if state.reference is not None:
+            passes, rows = controller.reference_passes(call)
+            extra = {} if call.y is None else {"y": call.y}
+            state.reference.run(passes, rows, lambda reference: module.forward(
+                reference, call.timestep, context=call.context, **extra))
+        residuals = controller.residuals(call)
         if residuals is not None and residuals.encoder is not None:
             state.encoder = encoder_targets(levels, residuals.encoder, sample.shape[-2])
         state.residuals = residuals if residuals is not None and residuals.down is not None else None
@@ -106,6 +116,8 @@ def _unet_post_hook(state: _State):
     def hook(module, args, kwargs, output):
         state.residuals, state.encoder = None, {}
         state.attention = None
+        if state.reference is not None:
+            state.reference.reset()  # the records are this call's only
         return None
 
     return hook
@@ -148,6 +160,18 @@ def _middle_hook(state: _State):
         return output
 
     return hook
+
+
+def reference_hooks(unet) -> "reference.ReferenceHooks":
+    """The reference units' hook points on an ldm/sgm UNet: every transformer block's attn1 that attends to
+    itself, and the blocks whose outputs AdaIN renormalises."""
+    blocks = [m for part in (unet.input_blocks, unet.middle_block, unet.output_blocks) for m in part.modules()
+              if hasattr(m, "attn1") and hasattr(m, "norm1")]
+    attention = [(block.attn1, weight) for block, weight in zip(blocks, reference.attention_weights(blocks))
+                 if not getattr(block, "disable_self_attn", False)]
+    adain = reference.adain_layers(unet.middle_block, dict(enumerate(unet.input_blocks)),
+                                   dict(enumerate(unet.output_blocks)), len(unet.input_blocks))
+    return reference.ReferenceHooks(attention, adain, context_kwarg="context")
 
 
 class Installed:
@@ -200,6 +224,11 @@ def install(unet, controller: Controller) -> Installed:
             handles.append(block.register_forward_hook(_encoder_hook(state, k)))
         # ATTENTION kinds (LLLite): their own pre-hooks on the UNet's layers, fed per call through `state`
         handles.extend(controller.attach(lambda: ldm_modules(unet), lambda key: (state.attention or {}).get(key)))
+        if any(prepared.kind.control == REFERENCE for prepared in controller.units):
+            reference.check_units(controller.units)
+            state.reference = reference_hooks(unet)
+            handles.extend(state.reference.install())
+            handles.append(reference.Removal(state.reference))
     except BaseException:
         installed.remove()
         raise

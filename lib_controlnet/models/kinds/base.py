@@ -11,6 +11,7 @@ from lib_controlnet.models.loading import read_header, weights_file_of
 RESIDUALS = "residuals onto the decoder's skips and middle block"
 ENCODER_FEATURES = "features added to the encoder"
 ATTENTION = "modules on attention"
+REFERENCE = "self-attention and block statistics read from a reference pass"
 
 
 @dataclasses.dataclass
