@@ -115,6 +115,9 @@ def generate(request: GenerateRequest, pipe=None) -> GenerateResult:
     units = list(request.units)
     job = ControlJob(units=units, width=request.width, height=request.height, steps=request.steps,
                      device=request.device, dtype=request.dtype, load_model=request.load_model)
+    # reference units: the base's VAE and noise schedule; their noise seeded with the job's seed
+    job.encode_latent, job.alphas_cumprod = diffusers_host.vae_encoder(pipe.vae), pipe.scheduler.alphas_cumprod
+    job.reference_seed = request.seed
     controller = Controller(job)
     # The sampling loop's length is the scheduler's (PNDM adds one step): start/end are fractions of it.
     pipe.scheduler.set_timesteps(request.steps)

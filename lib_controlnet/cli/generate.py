@@ -23,7 +23,9 @@ def parse_unit(text: str) -> ControlUnit:
             raise UserError(f"--unit part {part!r} is not key=value (e.g. module=canny,model=NAME,image=PATH).")
         key, value = (s.strip() for s in part.split("=", 1))
         values[UNIT_KEYS.get(key, key)] = value
-    for required in ("model", "image"):
+    from lib_controlnet.reference import is_reference
+
+    for required in ("image",) if is_reference(values.get("module")) else ("model", "image"):
         if required not in values:
             raise UserError(f"--unit {text!r} needs {required}=...")
     values.setdefault("module", "none")

@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
+import torch
+
 from lib_controlnet.control import Controller, UNetCall
 from lib_controlnet.models.kinds.base_unet import ldm_modules
 from lib_controlnet.models.kinds import REFERENCE
@@ -132,3 +134,15 @@ def reference_hooks(unet, controller) -> ReferenceHooks:
             k += 1
     adain = adain_layers(unet.mid_block, encoder, decoder, len(encoder) + 1)  # + conv_in, input block 0
     return ReferenceHooks(attention, adain, context_kwarg="encoder_hidden_states")
+
+
+def vae_encoder(vae):
+    """Images (N, 3, H, W) in [0, 1] -> scaled latents, for reference units: the distribution's mean, so the same
+    job gives the same latent every time."""
+    def encode(images):
+        with torch.no_grad():
+            latent = vae.encode(images.to(device=vae.device, dtype=vae.dtype) * 2 - 1).latent_dist.mean
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latent - shift) * vae.config.scaling_factor
+
+    return encode

@@ -46,6 +46,19 @@ def _rows_for(params, skip_uncond: bool):
     return RowLayout.webui_cfg(repeats, skip_uncond=skip_uncond, is_edit_model=is_edit_model)
 
 
+def _reference_inputs(p):
+    """Reference units: the loaded model's VAE (as the WebUI encodes img2img inputs) and its noise schedule (SDXL
+    models get alphas_cumprod from the WebUI too)."""
+    sd_model = p.sd_model
+
+    def encode(images):
+        from modules import sd_samplers_common
+
+        return sd_samplers_common.images_tensor_to_samples(images, model=sd_model)
+
+    return encode, getattr(sd_model, "alphas_cumprod", None)
+
+
 class WebUIJob:
     """Lives on `p` from `process` to `postprocess`/`close`."""
 
@@ -89,6 +102,8 @@ class WebUIJob:
         job = ControlJob(units=self._units_for_batch(p), width=self.width, height=self.height, steps=self.steps,
                          device=devices.device, dtype=getattr(devices, "dtype_unet", devices.dtype),
                          hires_fix=self.hires_fix)
+        job.encode_latent, job.alphas_cumprod = _reference_inputs(p)
+        job.reference_seed = int((getattr(p, "seeds", None) or [getattr(p, "seed", 0)])[0])
         self._prepared = prepare_units(job)
         self._prepared_for = key
         self._job = job
