@@ -18,6 +18,9 @@
         union ratio = our per-step time with the union model / StableDiffusionXLControlNetPipeline's with the
         plain ControlNet of the same weights (the pinned diffusers has no union pipeline)          [<= 1.00]
         (on a busy shared machine `--threads 1` gives far steadier ratios than two contended threads)
+    python benchmarks/bench_hook.py --reference [--reference-peer stable_diffusion_reference.py]
+        reference_only / reference_adain+attn per step against a plain step (two UNet passes: 2x by design)
+        and against diffusers' community StableDiffusionReferencePipeline (see benchmarks/_reference_steps.py)
 
 Prints three ratios (lower is better), measured in one run on the same weights and inputs:
   hook overhead  = one hooked UNet step with one unit / (UNet step alone + ControlNet forward alone)  [<= 1.02]
@@ -223,6 +226,8 @@ def main(argv=None) -> int:
     parser.add_argument("--control-lora", action="store_true",
                         help="with --sdxl: a Control-LoRA's merge cost instead (benchmarks/_control_lora.py)")
     parser.add_argument("--union", action="store_true", help="an SDXL ControlNet-Union (implies --sdxl)")
+    parser.add_argument("--reference", action="store_true", help="benchmark reference units (SD1.5-shaped)")
+    parser.add_argument("--reference-peer", help="a local copy of diffusers' community stable_diffusion_reference.py")
     args = parser.parse_args(argv)
     args.sdxl = args.sdxl or args.union
     args.repeats = args.repeats or 3
@@ -268,6 +273,12 @@ def main(argv=None) -> int:
         from benchmarks import _union
 
         _union.run(args, components, controlnet, hint, hint_pil)
+        print(f"total {time.perf_counter() - started:.0f}s")
+        return 0
+    if args.reference:
+        from benchmarks._reference_steps import reference_main
+
+        reference_main(args, components, hint, hint_pil)
         print(f"total {time.perf_counter() - started:.0f}s")
         return 0
     if args.adapter:

@@ -192,6 +192,10 @@ def plan_passes(controller, call, rows) -> list[ReferencePass]:
 _WRITE, _READ = "write", "read"
 
 
+class _Recorded(Exception):
+    """Ends a reference pass early: every layer it records has recorded."""
+
+
 class ReferenceHooks:
     """Records in the reference pass and reads in the real pass, through module hooks on a host's layers.
 
@@ -235,20 +239,39 @@ class ReferenceHooks:
 
     # driven by the host's UNet pre-hook
     def run(self, passes: list[ReferencePass], rows, run_unet: Callable[[torch.Tensor], Any]) -> None:
-        """Record every pass with `run_unet(sample)` (the plain UNet), then arm reading for the real pass."""
+        """Record every pass with `run_unet(sample)` (the plain UNet), then arm reading for the real pass. A pass
+        stops once its last layer has recorded: what the UNet computes after that is never read (reference_adain
+        skips the full-resolution decoder blocks; a weight below 1 skips the narrow, high-resolution layers)."""
         self.reset()
         if not passes:
             return
         for reference in passes:
             self.mode, self.writing = _WRITE, reference
+            self.to_record = self._records(reference)
             try:
                 with torch.no_grad():
                     run_unet(reference.sample)
+            except _Recorded:
+                pass
             finally:
                 self.mode, self.writing = None, None
         uc = [i for i, cond in enumerate(rows.cond) if not cond]
         self.uc_rows = torch.tensor(uc, dtype=torch.long, device=passes[0].sample.device) if uc else None
         self.mode = _READ
+
+    def _records(self, reference: ReferencePass) -> int:
+        """How many layers this pass records."""
+        n = 0
+        if reference.attention_weight is not None:
+            n += sum(reference.attention_weight > weight for _, weight in self.attention)
+        if reference.adain_weight is not None:
+            n += sum(reference.adain_weight > weight for _, weight in self.adain)
+        return n
+
+    def _recorded_one(self) -> None:
+        self.to_record -= 1
+        if self.to_record <= 0:
+            raise _Recorded
 
     # the hooks
     def _attention_pre(self, index: int):
@@ -261,6 +284,7 @@ class ReferenceHooks:
             if self.mode == _WRITE:
                 if self.writing.attention_weight is not None and self.writing.attention_weight > weight:
                     self.attention_bank.setdefault(index, []).append((x.detach(), self.writing.fidelity))
+                    self._recorded_one()
                 return None
             entries = self.attention_bank.pop(index, None)
             if not entries:
@@ -306,6 +330,7 @@ class ReferenceHooks:
                 if self.writing.adain_weight is not None and self.writing.adain_weight > weight:
                     mean, var = statistics(tensor.detach())
                     self.adain_bank.setdefault(index, []).append((mean, var, self.writing.fidelity))
+                    self._recorded_one()
                 return None
             entries = self.adain_bank.pop(index, None)
             if not entries:

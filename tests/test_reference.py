@@ -120,13 +120,15 @@ def test_adain_follows_the_definition(pair):
     family, unet, ldm_unet, data = pair
     block = ldm_unet.output_blocks[0]  # weight 0: every AdaIN unit records it
     control = controller(data, "reference_adain", control_mode="My prompt is more important")  # fidelity 0
-    raw, final = [], []
+    raw, final, full_resolution = [], [], []
     with ldm_host.hooked(ldm_unet, control):
         first = block.register_forward_hook(lambda m, a, out: raw.append(out.clone()), prepend=True)  # before ours
         last = block.register_forward_hook(lambda m, a, out: final.append(out))
+        end = ldm_unet.output_blocks[-1].register_forward_hook(lambda m, a, out: full_resolution.append(out))
         ldm_call(family, unet, ldm_unet, data)
-        first.remove(), last.remove()
+        first.remove(), last.remove(), end.remove()
     reference, x = raw
+    assert len(full_resolution) == 1  # the reference pass stopped after the last block AdaIN reads
     assert (final[-1] - adain(x, reference, 0.0)).abs().max() <= 1e-5
     assert (final[0] - reference).abs().max() == 0  # the reference pass itself is not changed
 
