@@ -177,6 +177,11 @@ def plan_passes(controller, call, rows) -> list[ReferencePass]:
         t = torch.as_tensor(t).detach().float().cpu().round().long().clamp(0, len(alphas) - 1)
         a = alphas[t].reshape(-1, 1, 1, 1)
         noised = a.sqrt() * _pick(latent, images) + (1 - a).sqrt() * _pick(noise, images)
+        if call.sample.shape[1] == 2 * latent.shape[1] + 1:
+            # an inpainting UNet (latent, mask, masked image): the reference is unmasked, as the other extension
+            # feeds it
+            clean = _pick(latent, images)
+            noised = torch.cat([noised, torch.zeros_like(clean[:, :1]), clean], dim=1)
         unit = prepared.unit
         sdxl = call.y is not None or call.text_embeds is not None
         passes.append(ReferencePass(

@@ -245,6 +245,33 @@ def test_txt2img_job_controls_the_unet_and_leaves_no_trace(webui, txt2img_script
     assert len(again) == len(saved) + 1 and set(saved) < set(again) and again[-1].startswith(f"{len(saved):05d}-")
 
 
+def test_reference_unit_needs_no_model_and_leaves_no_trace(webui, txt2img_script, photo, monkeypatch):
+    """reference_adain+attn with model None: the loaded model's VAE encodes the photo (images_tensor_to_samples),
+    its alphas_cumprod noises it each step; the images change, a repeat gives the same ones, the UNet is clean."""
+    from modules import shared
+
+    from lib_controlnet import tiny_models
+
+    vae = tiny_models.tiny_vae()
+    model = shared.sd_model
+    monkeypatch.setattr(model, "first_stage_model", vae, raising=False)
+    monkeypatch.setattr(model, "encode_first_stage", lambda x: vae.encode(x).latent_dist, raising=False)
+    monkeypatch.setattr(model, "get_first_stage_encoding", lambda dist: dist.mean * 0.18215, raising=False)
+    monkeypatch.setattr(model, "alphas_cumprod", tiny_models.scheduler().alphas_cumprod, raising=False)
+    unet = webui["unet"]
+    before, hooks_before = _unet_output(unet), _hooks(unet)
+    unit = dict(enabled=True, image={"image": photo, "mask": np.zeros_like(photo)}, module="reference_adain+attn",
+                model="None", threshold_a=0.25)
+    _, plain = _run(txt2img_script, _args(txt2img_script))
+    _, referenced = _run(txt2img_script, _args(txt2img_script, **unit))
+    _, again = _run(txt2img_script, _args(txt2img_script, **unit))
+    assert np.abs(_pixels(referenced.images[:2]) - _pixels(plain.images)).max() > 0
+    np.testing.assert_array_equal(_pixels(again.images[:2]), _pixels(referenced.images[:2]))
+    assert 'ControlNet 0: "Module: reference_adain+attn, Model: None' in referenced.infotexts[0]
+    assert "Threshold A: 0.25" in referenced.infotexts[0]
+    assert _hooks(unet) == hooks_before and torch.equal(_unet_output(unet), before)
+
+
 def test_batch_layout_split_calls_match_one_call(txt2img_script, photo):
     from modules import shared
 
