@@ -218,6 +218,23 @@ def test_unet_bit_identical_after_job_error_and_interrupt(pair):
     unchanged()
 
 
+def test_reference_and_lllite_units_are_refused_together_before_any_hook(pair):
+    from lib_controlnet.control import ControlError
+    from lib_controlnet.models.kinds.lllite import LLLITE
+
+    family, unet, ldm_unet, data = pair
+    control = controller(data, "reference_only")
+    lllite = PreparedUnit(ControlUnit(model="kohya_controllllite_xl_canny"), torch.nn.Module(), data["hint"],
+                          _kind=LLLITE)
+    control.units.append(lllite)
+    hooks = _snapshot(ldm_unet)[1]
+    for host, model in ((ldm_host, ldm_unet), (diffusers_host, unet)):
+        with pytest.raises(ControlError, match="cannot run in the same job as the ControlNet-LLLite unit"):
+            with host.hooked(model, control):
+                pass
+    assert _snapshot(ldm_unet)[1] == hooks and _snapshot(unet)[1] == 0
+
+
 # ---------------------------------------------------------------- end to end, as a user runs it
 
 

@@ -74,6 +74,9 @@ def _pre_hook(controller: Controller, state: dict, references=None):
 def hooked(unet, controller: Controller) -> Iterator[Controller]:
     """Control `unet` with `controller` inside the block; the hook is gone afterwards, whatever happened."""
     controller.bind_base(unet)  # Control-LoRA: its ControlNet, built from this UNet's weights (cached)
+    references = None
+    if any(prepared.kind.control == REFERENCE for prepared in controller.units):
+        references = reference_hooks(unet, controller)  # before any hook: a unit it cannot join is refused here
     expected = 1 + sum(len(b.resnets) + (1 if b.downsamplers else 0) for b in unet.down_blocks)  # conv_in + blocks
     from lib_controlnet.models.kinds import RESIDUALS
 
@@ -84,9 +87,6 @@ def hooked(unet, controller: Controller) -> Iterator[Controller]:
             raise ControlError(
                 f"ControlNet '{prepared.unit.model}' gives {prepared.n_residuals} residuals but this UNet takes "
                 f"{expected + 1}: it was made for another base model (SD1.5 / SD2 / SDXL).")
-    references = None
-    if any(prepared.kind.control == REFERENCE for prepared in controller.units):
-        references = reference_hooks(unet, controller)
     state: dict = {}
     handles = [unet.register_forward_pre_hook(_pre_hook(controller, state, references), with_kwargs=True),
                unet.register_forward_hook(lambda module, args, output: state.clear())]

@@ -209,6 +209,9 @@ def install(unet, controller: Controller) -> Installed:
             raise ControlError(
                 f"ControlNet '{prepared.unit.model}' gives {prepared.n_residuals} residuals but this UNet takes "
                 f"{n_inputs + 1}: it was made for another base model (SD1.5 / SD2 / SDXL).")
+    has_reference = any(prepared.kind.control == REFERENCE for prepared in controller.units)
+    if has_reference:
+        reference.check_units(controller.units)
     state = _State()
     state.encoder = {}
     levels = block_levels(unet)
@@ -224,8 +227,7 @@ def install(unet, controller: Controller) -> Installed:
             handles.append(block.register_forward_hook(_encoder_hook(state, k)))
         # ATTENTION kinds (LLLite): their own pre-hooks on the UNet's layers, fed per call through `state`
         handles.extend(controller.attach(lambda: ldm_modules(unet), lambda key: (state.attention or {}).get(key)))
-        if any(prepared.kind.control == REFERENCE for prepared in controller.units):
-            reference.check_units(controller.units)
+        if has_reference:
             state.reference = reference_hooks(unet)
             handles.extend(state.reference.install())
             handles.append(reference.Removal(state.reference))
