@@ -160,7 +160,8 @@ def test_diffusers_unet_reads_the_reference_as_the_webui_unet(pair, module):
 def test_controlnet_is_more_important_keeps_unconditional_rows_plain(pair):
     family, unet, ldm_unet, data = pair
     plain = ldm_call(family, unet, ldm_unet, data)
-    with ldm_host.hooked(ldm_unet, controller(data, "reference_adain+attn", control_mode="ControlNet is more important")):
+    control = controller(data, "reference_adain+attn", control_mode="ControlNet is more important")
+    with ldm_host.hooked(ldm_unet, control):
         out = ldm_call(family, unet, ldm_unet, data)
     assert (out[UC] - plain[UC]).abs().max() <= 1e-5  # style fidelity 1: the reference acts through CFG only
     assert (out[0] - plain[0]).abs().max() > 1e-3
