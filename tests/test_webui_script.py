@@ -269,6 +269,11 @@ def test_reference_unit_needs_no_model_and_leaves_no_trace(webui, txt2img_script
     np.testing.assert_array_equal(_pixels(again.images[:2]), _pixels(referenced.images[:2]))
     assert 'ControlNet 0: "Module: reference_adain+attn, Model: None' in referenced.infotexts[0]
     assert "Threshold A: 0.25" in referenced.infotexts[0]
+    hires = dict(enable_hr=True, hr_scale=2.0, batch_size=1)  # the second pass reads a reference encoded at its size
+    _, plain_hr = _run(txt2img_script, _args(txt2img_script), **hires)
+    _, referenced_hr = _run(txt2img_script, _args(txt2img_script, **unit), **hires)
+    assert referenced_hr.images[0].size == (128, 128)
+    assert np.abs(_pixels(referenced_hr.images[:1]) - _pixels(plain_hr.images[:1])).max() > 0
     assert _hooks(unet) == hooks_before and torch.equal(_unet_output(unet), before)
 
 
