@@ -236,6 +236,46 @@ def test_reference_and_lllite_units_are_refused_together_before_any_hook(pair):
     assert _snapshot(ldm_unet)[1] == hooks and _snapshot(unet)[1] == 0
 
 
+def test_reference_beside_an_ip_adapter_unit(pair, tmp_path):
+    """The usual pairing: IP-Adapter (attn2) and a reference unit (attn1, block statistics) in one job. Both act;
+    with the reference at weight 0 the output is the IP-Adapter's alone, exactly; the UNet is clean after."""
+    from annotators import clip_vision
+    from lib_controlnet import tiny_models
+    from lib_controlnet.models import load_control_model
+    from lib_controlnet.settings import get_settings, update_settings
+
+    family, unet, ldm_unet, data = pair
+    saved = get_settings().annotator_models_path
+    update_settings(annotator_models_path=str(tmp_path))
+    clip_vision.random_encoder_file(tmp_path, "clip_h", hidden_size=32, projection_dim=24)
+    clip_vision._cache.clear()
+    try:
+        torch.save(tiny_models.random_ip_adapter_state(unet, "base", embed_dim=24), tmp_path / "ip-adapter.bin")
+        adapter = load_control_model(tmp_path / "ip-adapter.bin")
+        photo = (np.random.RandomState(1).rand(40, 52, 3) * 255).astype(np.uint8)
+
+        def run(*units):
+            control = controller(data, "reference_adain+attn")
+            control.units = list(units)
+            with ldm_host.hooked(ldm_unet, control):
+                return ldm_call(family, unet, ldm_unet, data)
+
+        def ip():
+            return PreparedUnit(ControlUnit(module="ip-adapter_clip_h", model="ipa"), adapter, [photo])
+
+        def ref(weight):
+            return controller(data, "reference_adain+attn", weight=weight).units[0]
+
+        plain, hooks = ldm_call(family, unet, ldm_unet, data), _snapshot(ldm_unet)[1]
+        ip_only, both = run(ip()), run(ip(), ref(1.0))
+        assert (ip_only - plain).abs().max() > 1e-3 and (both - ip_only).abs().max() > 1e-3
+        assert torch.equal(run(ip(), ref(0.0)), ip_only)
+        assert _snapshot(ldm_unet)[1] == hooks and torch.equal(ldm_call(family, unet, ldm_unet, data), plain)
+    finally:
+        clip_vision._cache.clear()
+        update_settings(annotator_models_path=saved)
+
+
 # ---------------------------------------------------------------- end to end, as a user runs it
 
 
