@@ -11,6 +11,10 @@ base that can draw, so the images show whether the trained ControlNet follows it
    without it;
 6. write a report (condition | untrained | trained, the fidelity curve, the loss curve) whose links are relative,
    so the folder can move. The last two lines name the exported .safetensors and the report.
+
+`--arch sdxl` runs the same loop on a tiny SDXL-shaped base (two text encoders, pooled embeddings, time ids) with
+random weights: it proves the SDXL path end to end in seconds, but that base cannot draw, so its images and scores
+say nothing about quality. `make demo` stays on the shapes base.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from pathlib import Path
 
 DEMO_NAME = "demo-shapes"
 HELD_OUT = 8
+ARCHS = ("sd15", "sdxl")
 
 
 def register(subparsers) -> None:
@@ -32,6 +37,11 @@ def register(subparsers) -> None:
     demo.add_argument("--rounds", type=int, default=10, help="fidelity rounds during training (default 10)")
     demo.add_argument("--held-out", type=int, default=HELD_OUT, help=f"held-out rows for fidelity (default {HELD_OUT})")
     demo.add_argument("--size", type=int, default=64, help="image size, a multiple of 64 (default 64)")
+    demo.add_argument("--sample-steps", type=int, default=10,
+                      help="sampling steps of the validation, fidelity and comparison images (default 10)")
+    demo.add_argument("--arch", choices=ARCHS, default="sd15",
+                      help="base architecture: sd15, the shapes base that draws (default); sdxl, a tiny SDXL-shaped "
+                           "base with random weights that proves the SDXL loop but cannot draw")
     demo.set_defaults(func=run_demo)
 
 
@@ -39,7 +49,13 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-def prepare_base(out: Path) -> Path:
+def prepare_base(out: Path, arch: str = "sd15") -> Path:
+    if arch == "sdxl":
+        from lib_controlnet.tiny_models import save_tiny_sdxl_diffusers_base
+
+        base = save_tiny_sdxl_diffusers_base(out / "base")
+        _say(f"[1/6] base: a tiny SDXL-shaped base with random weights -> {base}")
+        return base
     from lib_controlnet.shapes_base import SHIPPED_WEIGHTS, save_diffusers_base
 
     base = save_diffusers_base(out / "base")
@@ -67,16 +83,30 @@ def _count_rows(manifest: dict):
     return counts.get("written", counts.get("samples", "?"))
 
 
-def train_model(out: Path, dataset: Path, base: Path, steps: int, size: int, rounds: int, held_out: int):
+def validation_pair(out: Path, dataset: Path, size: int) -> tuple[str, Path]:
+    """The first held-out row's (prompt, condition file): the training's validation image each round."""
+    from lib_controlnet.fidelity_eval import heldout_rows
+
+    prompt, hint, _ = heldout_rows(str(dataset), 1, size)[0][0]
+    path = out / "validation-condition.png"
+    hint.save(path)
+    return prompt, path
+
+
+def train_model(out: Path, dataset: Path, base: Path, steps: int, size: int, rounds: int, held_out: int,
+                name: str = DEMO_NAME, sample_steps: int = 10):
     from lib_controlnet.train.config import TrainConfig
     from lib_controlnet.train.trainer import TrainCallbacks, Trainer
 
+    prompt, condition = validation_pair(out, dataset, size)
     config = TrainConfig(dataset=str(dataset), base=str(base), output_dir=str(out / "training"), resolution=size,
-                         max_train_steps=steps, train_batch_size=8, learning_rate=1e-3, lr_warmup_steps=10,
+                         max_train_steps=steps, train_batch_size=8, learning_rate=1e-3,
+                         lr_warmup_steps=min(10, steps // 10),  # a few-step run (the tests) must move at all
                          lr_scheduler="constant_with_warmup", checkpointing_steps=steps, cache_latents=True,
                          cache_text_embeddings=True, validation_steps=max(1, steps // max(1, rounds)),
-                         validation_inference_steps=10, fidelity_samples=held_out, export_dir=str(out / "models"),
-                         export_name=DEMO_NAME, export_dtype="fp16")
+                         validation_inference_steps=sample_steps, validation_prompts=[prompt],
+                         validation_images=[str(condition)], fidelity_samples=held_out, export_dir=str(out / "models"),
+                         export_name=name, export_dtype="fp16")
     last = [0.0]
 
     def on_progress(p) -> None:
@@ -95,11 +125,13 @@ def train_model(out: Path, dataset: Path, base: Path, steps: int, size: int, rou
         _say(f"      fidelity ({history.score}, {history.samples} held-out rows): untrained {history.untrained:.3f} "
              f"-> trained {history.latest:.3f}; rounds took {history.seconds:.0f}s "
              f"({100 * history.seconds / max(result.train_seconds, 1e-9):.0f}% of training)")
+    if result.validation:
+        _say(f"      validation images: {len(result.validation)} rounds under {Path(result.report).parent / 'validation'}")
     _say(f"[4/6] exported: {result.exported}")
     return config, result
 
 
-def load_and_generate(out: Path, config, result, held_out: int) -> dict:
+def load_and_generate(out: Path, config, result, held_out: int, sample_steps: int = 10) -> dict:
     """Held-out conditions through the registry-loaded ControlNet and through the base alone (what the
     untrained ControlNet draws: its zero convolutions add nothing), same prompts and seeds."""
     from lib_controlnet.base_model import load_pipeline
@@ -131,7 +163,8 @@ def load_and_generate(out: Path, config, result, held_out: int) -> dict:
         columns["condition"].append(hint_path)
         for kind in ("untrained", "trained"):
             units = [ControlUnit(model=name, module="none", image=hint_path)] if kind == "trained" else []
-            request = GenerateRequest(base=config.base, prompt=prompt, units=units, steps=10, width=side, height=side,
+            request = GenerateRequest(base=config.base, prompt=prompt, units=units, steps=sample_steps, width=side,
+                                      height=side,
                                       seed=number, guidance_scale=3.0)
             image = generate(request, pipe).images[0]
             path = folder / f"{kind}-{number:02d}.png"
@@ -173,7 +206,13 @@ def steepest(history) -> list[str]:
             f"{100 * (after - before) / gain:.0f}% of the whole gain over {len(rounds) - 1} intervals"]
 
 
-def write_demo_report(out: Path, result, generated: dict, seconds: float) -> Path:
+BASE_LINES = {
+    "sd15": "A tiny base trained to draw coloured shapes",
+    "sdxl": "A tiny SDXL-shaped base with random weights (it cannot draw: this run proves the SDXL loop, not quality)",
+}
+
+
+def write_demo_report(out: Path, result, generated: dict, seconds: float, arch: str = "sd15") -> Path:
     strip = comparison_strip(generated["columns"], out / "generated" / "condition_untrained_trained.png")
     training = Path(result.report).parent
 
@@ -183,7 +222,7 @@ def write_demo_report(out: Path, result, generated: dict, seconds: float) -> Pat
     history = result.fidelity
     lines = [
         "# ControlNet Studio demo", "",
-        "A tiny base trained to draw coloured shapes -> dataset builder (canny maps of the outlines) -> ControlNet "
+        f"{BASE_LINES[arch]} -> dataset builder (canny maps of the outlines) -> ControlNet "
         "training with control fidelity on held-out rows -> ldm export -> registry -> generation through the hook.",
         "", f"Finished in {seconds:.0f} s.", "",
         f"- Dataset: [{rel(out / 'dataset')}]({rel(out / 'dataset')})",
@@ -217,12 +256,14 @@ def run_demo(args) -> int:
     started = time.monotonic()
     out = Path(args.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
-    base = prepare_base(out)
+    base = prepare_base(out, args.arch)
     dataset = build_dataset(out, args.images, args.size)
-    config, result = train_model(out, dataset, base, args.steps, args.size, args.rounds, args.held_out)
-    generated = load_and_generate(out, config, result, args.held_out)
+    name = DEMO_NAME if args.arch == "sd15" else f"{DEMO_NAME}-{args.arch}"
+    config, result = train_model(out, dataset, base, args.steps, args.size, args.rounds, args.held_out, name,
+                                 args.sample_steps)
+    generated = load_and_generate(out, config, result, args.held_out, args.sample_steps)
     seconds = time.monotonic() - started
-    report = write_demo_report(out, result, generated, seconds)
+    report = write_demo_report(out, result, generated, seconds, args.arch)
     _say(f"[6/6] demo finished in {seconds:.0f}s")
     _say(f"exported: {result.exported}")
     _say(f"report: {report}")

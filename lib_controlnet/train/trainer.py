@@ -65,10 +65,6 @@ class TrainResult:
     train_seconds: float = 0.0  # wall time of the training loop, fidelity rounds included
 
 
-class _NoValidation:
-    enabled = False
-
-
 class Trainer:
     def __init__(self, config: TrainConfig, callbacks: TrainCallbacks | None = None,
                  cancel_event: threading.Event | None = None, base: BaseModel | None = None,
@@ -203,13 +199,9 @@ class Trainer:
         if config.cache_latents or config.cache_text_embeddings:
             self._message("Caching latents / prompt embeddings")
             cache.build(dataset, plan, base, device, weight_dtype, config.cache_latents, config.cache_text_embeddings)
-        validator = Validator(base, config, device, weight_dtype) if not base.is_sdxl else _NoValidation()
-        if base.is_sdxl and config.validation_pairs():
-            self._message("Validation images are not made for SDXL bases yet; training goes on without them.")
+        validator = Validator(base, config, device, weight_dtype)
         fidelity = None
-        if heldout is not None and base.is_sdxl:
-            self._message("Control fidelity is not measured for SDXL bases yet; training goes on without it.")
-        elif heldout is not None and accelerator.is_main_process:
+        if heldout is not None and accelerator.is_main_process:
             try:  # reads the held-out rows and runs the preprocessor once: a missing weight file shows here
                 fidelity = FidelityValidator(base, config, device, weight_dtype, heldout.rows(), *self._fidelity_module)
             except Exception as error:  # fidelity is a measurement: without it, training still runs

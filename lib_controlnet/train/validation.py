@@ -1,5 +1,6 @@
 """Validation during training: the user's (prompt, conditioning image) pairs through the current ControlNet with
-diffusers' ControlNet pipeline, with a fixed seed so that images of different steps compare; and control
+diffusers' ControlNet pipeline of the base's architecture (SD1.x/SD2.x, or SDXL with pooled embeddings and its
+default micro-conditioning), with a fixed seed so that images of different steps compare; and control
 fidelity (`lib_controlnet.fidelity`) on rows of the dataset held out of training, the step-0 ControlNet's score
 being the baseline.
 
@@ -17,7 +18,7 @@ import torch
 from PIL import Image
 
 from lib_controlnet.train.data import load_hint_file, to_hint
-from lib_controlnet.train.step import encode_prompts
+from lib_controlnet.train.step import encode_text
 
 
 class Validator:
@@ -27,8 +28,7 @@ class Validator:
         size = (config.resolution, config.resolution)
         self.hints = [load_hint_file(path, size) for _, path in self.pairs]
         # prompt embeddings now, so a cached-text run can move the text encoder off the device
-        prompts = [p for p, _ in self.pairs]
-        self.embeddings = encode_prompts(base, prompts + [""], device) if self.pairs else None
+        self.prompts = PromptEmbeddings(base, [p for p, _ in self.pairs], device) if self.pairs else None
 
     @property
     def enabled(self) -> bool:
@@ -42,8 +42,8 @@ class Validator:
         results = []
         with control_pipeline(self.base, controlnet, self.device, self.weight_dtype) as pipe:
             for number, ((prompt, _), hint) in enumerate(zip(self.pairs, self.hints)):
-                image = sample(pipe, self.embeddings[number:number + 1], self.embeddings[-1:], hint, self.config,
-                               self.config.validation_seed, self.device, self.weight_dtype)
+                image = sample(pipe, self.prompts.arguments(range(number, number + 1), self.weight_dtype), hint,
+                               self.config, self.config.validation_seed, self.device, self.weight_dtype)
                 path = folder / f"{number:02d}.png"
                 image.save(path)
                 results.append((prompt, image, path))
@@ -59,18 +59,22 @@ class control_pipeline:
         self.base, self.controlnet, self.device, self.weight_dtype = base, controlnet, device, weight_dtype
 
     def __enter__(self):
-        from diffusers import StableDiffusionControlNetPipeline, UniPCMultistepScheduler
+        from diffusers import UniPCMultistepScheduler
+
+        from lib_controlnet.base_model import ARCHITECTURES
 
         base = self.base
         self.model = model = (self.controlnet if self.weight_dtype == torch.float32
                               else copy.deepcopy(self.controlnet).to(self.weight_dtype))
         self.was_training = model.training
         model.eval()
-        pipe = StableDiffusionControlNetPipeline(
-            vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet, controlnet=model,
-            safety_checker=None, feature_extractor=None,
-            scheduler=UniPCMultistepScheduler.from_config(base.noise_scheduler.config), requires_safety_checker=False,
-        )
+        parts = dict(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+                     controlnet=model, scheduler=UniPCMultistepScheduler.from_config(base.noise_scheduler.config))
+        if base.is_sdxl:
+            parts.update(text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2, add_watermarker=False)
+        else:
+            parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe = ARCHITECTURES[base.family].pipeline_class(controlnet=True)(**parts)
         pipe.set_progress_bar_config(disable=True)
         self.rng = torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
         self.rng.__enter__()
@@ -82,11 +86,33 @@ class control_pipeline:
         return False
 
 
-def sample(pipe, embedding, negative, hint, config, seed: int, device, weight_dtype) -> Image.Image:
+class PromptEmbeddings:
+    """The prompts' embeddings and the empty negative prompt's, computed once (a cached-text run then moves the
+    text encoders off the device). SDXL adds the second encoder's pooled embeddings, and its negative is zeros, as
+    diffusers' SDXL pipelines make an empty negative prompt (force_zeros_for_empty_prompt) and `generate` does."""
+
+    def __init__(self, base, texts: list[str], device):
+        hidden, pooled = encode_text(base, list(texts) + [""], device)
+        if pooled is not None:
+            hidden[-1:], pooled[-1:] = 0, 0
+        self.hidden, self.pooled = hidden, pooled
+
+    def arguments(self, rows: range, dtype) -> dict:
+        """The pipeline's embedding arguments for prompts `rows`, each with the negative."""
+        count = len(rows)
+        arguments = dict(prompt_embeds=self.hidden[rows.start:rows.stop].to(dtype),
+                         negative_prompt_embeds=self.hidden[-1:].expand(count, -1, -1).to(dtype))
+        if self.pooled is not None:
+            arguments.update(pooled_prompt_embeds=self.pooled[rows.start:rows.stop].to(dtype),
+                             negative_pooled_prompt_embeds=self.pooled[-1:].expand(count, -1).to(dtype))
+        return arguments
+
+
+def sample(pipe, embeddings: dict, hint, config, seed: int, device, weight_dtype) -> Image.Image:
     generator = torch.Generator().manual_seed(seed)
-    return pipe(prompt_embeds=embedding.to(weight_dtype), negative_prompt_embeds=negative.to(weight_dtype),
-                image=hint.unsqueeze(0).to(device, weight_dtype), num_inference_steps=config.validation_inference_steps,
-                generator=generator, height=hint.shape[1], width=hint.shape[2]).images[0]
+    return pipe(**embeddings, image=hint.unsqueeze(0).to(device, weight_dtype),
+                num_inference_steps=config.validation_inference_steps, generator=generator, height=hint.shape[1],
+                width=hint.shape[2]).images[0]
 
 
 class HeldOut:
@@ -168,7 +194,7 @@ class FidelityValidator:
         self.conditions = [self.detector.condition(hint.resize(size, Image.BICUBIC), source.resize(size))
                            for _, hint, source in rows]
         self.detector.observe(rows[0][2].resize(size))  # fails now, not mid-run, if the preprocessor cannot run
-        self.embeddings = encode_prompts(base, [text for text, _, _ in rows] + [""], device)
+        self.prompts = PromptEmbeddings(base, [text for text, _, _ in rows], device)
         score = self.detector.score
         self.history = FidelityHistory(score.name, module, len(rows), score.definition)
 
@@ -182,11 +208,8 @@ class FidelityValidator:
                 rows = range(first, min(first + self.BATCH, len(self.hints)))
                 generators = [torch.Generator().manual_seed(self.config.validation_seed + i) for i in rows]
                 hints = torch.stack([self.hints[i] for i in rows]).to(self.device, self.weight_dtype)
-                images += pipe(prompt_embeds=self.embeddings[first:rows.stop].to(self.weight_dtype),
-                               negative_prompt_embeds=self.embeddings[-1:].expand(len(rows), -1, -1).to(
-                                   self.weight_dtype),
-                               image=hints, num_inference_steps=self.config.validation_inference_steps,
-                               generator=generators, height=hints.shape[2], width=hints.shape[3]).images
+                images += pipe(**self.prompts.arguments(rows, self.weight_dtype), image=hints,
+                               num_inference_steps=self.config.validation_inference_steps, generator=generators, height=hints.shape[2], width=hints.shape[3]).images
         value = measure(self.detector, self.conditions, images).mean
         self.history.rounds = [r for r in self.history.rounds if r[0] != step] + [[step, value]]
         self.history.seconds += time.monotonic() - started
