@@ -67,6 +67,7 @@ class GenerateRequest:
     crop_top_left: Optional[tuple] = None
     target_size: Optional[tuple] = None
     prediction_type: str = "auto"  # "auto" (the file's v_pred marker, else the config's), "epsilon", "v_prediction"
+    vae: Optional[str] = None  # a VAE file replacing the base's (lib_controlnet.vae_file); a given `pipe` keeps it
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -110,6 +111,10 @@ def generate(request: GenerateRequest, pipe=None) -> GenerateResult:
     request.validate()
     if pipe is None:
         pipe = load_base(request.base, request.base_config, request.dtype, request.prediction_type)
+    if request.vae:
+        from lib_controlnet.vae_file import load_vae_file
+
+        pipe.vae = load_vae_file(request.vae, pipe.vae).to(dtype=request.dtype)
     pipe = pipe.to(request.device)
     pipe.set_progress_bar_config(disable=True)
     units = list(request.units)

@@ -126,7 +126,8 @@ def train_model(out: Path, dataset: Path, base: Path, steps: int, size: int, rou
              f"-> trained {history.latest:.3f}; rounds took {history.seconds:.0f}s "
              f"({100 * history.seconds / max(result.train_seconds, 1e-9):.0f}% of training)")
     if result.validation:
-        _say(f"      validation images: {len(result.validation)} rounds under {Path(result.report).parent / 'validation'}")
+        folder = Path(result.report).parent / "validation"
+        _say(f"      validation images: {len(result.validation)} rounds under {folder}")
     _say(f"[4/6] exported: {result.exported}")
     return config, result
 

@@ -59,6 +59,8 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--prediction-type", default="auto", choices=("auto", "epsilon", "v_prediction"),
                         help="auto: the file's v_pred marker, else the base config's")
+    parser.add_argument("--vae", default=None, help="VAE file replacing the base's (ldm or diffusers keys, e.g. "
+                        "sdxl-vae-fp16-fix's); default: the base's own")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--annotator-dir", default=None,
                         help="folder holding annotator weight files (clip_vision/clip_h.pth for IP-Adapter units)")
@@ -86,7 +88,7 @@ def run(args) -> int:
     request = GenerateRequest(base=args.base, prompt=args.prompt, negative_prompt=args.negative_prompt,
                               units=[parse_unit(text) for text in args.unit], steps=args.steps, width=args.size[0], height=args.size[1],
                               seed=args.seed, guidance_scale=args.guidance_scale, batch_size=args.batch_size,
-                              base_config=args.base_config, prediction_type=args.prediction_type)
+                              base_config=args.base_config, prediction_type=args.prediction_type, vae=args.vae)
     for path in write_outputs(generate(request), args.out):
         print(path)
     return 0

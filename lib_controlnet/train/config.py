@@ -53,6 +53,9 @@ class TrainConfig:
     # --- models
     base: str = _setting("", "base Stable Diffusion model: a diffusers folder or a single .safetensors/.ckpt file")
     base_config: str = _setting("", "diffusers-style config folder for a single-file base (offline); empty: look it up")
+    vae: str = _setting(
+        "", "VAE file replacing the base's (ldm or diffusers keys, e.g. sdxl-vae-fp16-fix), taken as fp16-safe: it "
+        "may run in fp16; empty: the base's own (SDXL's stays fp32)")
     controlnet: str = _setting(
         "", "ControlNet (file or diffusers folder) to fine-tune; empty: start from a copy of the UNet encoder")
     controlnet_size: str = _setting(

@@ -92,6 +92,13 @@ class Trainer:
         if precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
             precision = "no"
         self.precision = precision
+        from accelerate.state import AcceleratorState
+
+        state = AcceleratorState._shared_state
+        if state and state.get("_mixed_precision") not in (None, precision):
+            # accelerate keeps one state per process and refuses another precision: a second run in the same
+            # process (the Train tab, the app) with a new precision would fail; the process group itself stays
+            AcceleratorState._reset_state()
         return Accelerator(mixed_precision=precision,
                            gradient_accumulation_steps=self.config.gradient_accumulation_steps)
 
@@ -150,10 +157,16 @@ class Trainer:
         total_steps = config.max_train_steps or steps_per_epoch * config.num_train_epochs
         batches_per_step = config.gradient_accumulation_steps
 
+        if config.vae and not Path(config.vae).expanduser().is_file():  # before the base's long load
+            raise ConfigError(f"VAE file {config.vae} does not exist.")
         self._message(f"Loading base model {config.base}")
         base = self.base or load_base(config.base, config.base_config, config.prediction_type)
-        # SDXL's stock VAE overflows in fp16 (its config says force_upcast): it stays fp32; fp16-safe VAEs do not
-        base.vae.to(device, torch.float32 if getattr(base.vae.config, "force_upcast", False) else weight_dtype)
+        if config.vae:
+            from lib_controlnet.vae_file import load_vae_file
+
+            base.vae = load_vae_file(config.vae, base.vae)
+            self._message(f"VAE from {Path(config.vae).name} (fp16-safe: it runs in the training precision)")
+        base.vae.to(device, vae_dtype(base.vae, weight_dtype))
         base.text_encoders_to(device, weight_dtype)
         base.unet.to(device, weight_dtype if config.sd_locked else torch.float32)
         controlnet = self._controlnet(base.unet)
@@ -366,6 +379,12 @@ class Trainer:
         exported = export_controlnet(raw_controlnet, request)
         result.exported, result.exported_diffusers = exported.file, exported.diffusers_dir
         self._message(f"Exported {exported.file}")
+
+
+def vae_dtype(vae, weight_dtype: torch.dtype) -> torch.dtype:
+    """A VAE whose config says force_upcast (SDXL's stock VAE overflows in fp16) stays fp32; a VAE file the user
+    gave (`vae`, taken as fp16-safe) runs in the training precision."""
+    return torch.float32 if getattr(vae.config, "force_upcast", False) else weight_dtype
 
 
 def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,

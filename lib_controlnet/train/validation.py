@@ -209,7 +209,8 @@ class FidelityValidator:
                 generators = [torch.Generator().manual_seed(self.config.validation_seed + i) for i in rows]
                 hints = torch.stack([self.hints[i] for i in rows]).to(self.device, self.weight_dtype)
                 images += pipe(**self.prompts.arguments(rows, self.weight_dtype), image=hints,
-                               num_inference_steps=self.config.validation_inference_steps, generator=generators, height=hints.shape[2], width=hints.shape[3]).images
+                               num_inference_steps=self.config.validation_inference_steps, generator=generators,
+                               height=hints.shape[2], width=hints.shape[3]).images
         value = measure(self.detector, self.conditions, images).mean
         self.history.rounds = [r for r in self.history.rounds if r[0] != step] + [[step, value]]
         self.history.seconds += time.monotonic() - started

@@ -1,0 +1,142 @@
+"""A user-given VAE file (`--vae`, the `vae` training setting): ldm keys as sdxl_vae.safetensors / sdxl-vae-fp16-fix
+ship them and diffusers keys (old attention names too) load to the weights diffusers' own loader reads; `generate
+--vae` decodes with it exactly as diffusers' SDXL pipeline with that VAE; training takes it as fp16-safe (it runs in
+the training precision, the stock SDXL VAE stays fp32); other files get one sentence."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from control_fixtures import one_thread
+from tiny_checkpoint import _ldm_vae, write_tiny_sdxl_single_file
+from lib_controlnet.cli import main
+
+_threads = pytest.fixture(scope="module", autouse=True)(one_thread)
+PROMPT, STEPS = "a red house", 2
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vae")
+    write_tiny_sdxl_single_file(root / "sdxl.safetensors", config_dir=root / "sdxl-config")
+    save_file({k: v.contiguous() for k, v in _ldm_vae(seed=5).items()}, str(root / "fixed-vae-ldm.safetensors"))
+    return root
+
+
+def _reference_vae(files):
+    """diffusers' own single-file loader on the ldm file, with the base's VAE config."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_single_file(str(files / "fixed-vae-ldm.safetensors"),
+                                          config=str(files / "sdxl-config" / "vae"), local_files_only=True)
+
+
+def test_ldm_and_diffusers_vae_files_load_as_diffusers_reads_them(files):
+    from lib_controlnet.base_model import load_pipeline
+    from lib_controlnet.vae_file import load_vae_file
+
+    stock = load_pipeline(files / "sdxl-config").vae
+    reference = _reference_vae(files).state_dict()
+    ours = load_vae_file(files / "fixed-vae-ldm.safetensors", stock)
+    assert ours.config.force_upcast is False and ours.config.scaling_factor == stock.config.scaling_factor
+    assert ours.state_dict().keys() == reference.keys()
+    assert all(torch.equal(ours.state_dict()[k], reference[k]) for k in reference)
+    assert not torch.equal(ours.state_dict()["decoder.conv_out.weight"], stock.state_dict()["decoder.conv_out.weight"])
+    # the same weights in diffusers layout, with the attention names older diffusers files carry
+    old_names = {k.replace(".to_q.", ".query.").replace(".to_k.", ".key.").replace(".to_v.", ".value.")
+                 .replace(".to_out.0.", ".proj_attn."): v for k, v in reference.items()}
+    assert any(".query." in k for k in old_names)
+    save_file(old_names, str(files / "fixed-vae-diffusers.safetensors"))
+    again = load_vae_file(files / "fixed-vae-diffusers.safetensors", stock).state_dict()
+    assert all(torch.equal(again[k], reference[k]) for k in reference)
+
+
+def test_generate_with_vae_equals_diffusers_sdxl_pipeline_with_that_vae(files, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from lib_controlnet.base_model import load_pipeline
+
+    common = ["generate", "--base", str(files / "sdxl.safetensors"), "--base-config", str(files / "sdxl-config"),
+              "--prompt", PROMPT, "--steps", str(STEPS), "--size", "64x64", "--seed", "3"]
+    assert main(common + ["--vae", str(files / "fixed-vae-ldm.safetensors"), "--out", str(tmp_path / "vae")]) == 0
+    assert main(common + ["--out", str(tmp_path / "stock")]) == 0
+    ours = np.asarray(Image.open(tmp_path / "vae" / "image-0.png")).astype(int)
+    stock = np.asarray(Image.open(tmp_path / "stock" / "image-0.png")).astype(int)
+    parts = load_pipeline(files / "sdxl.safetensors", str(files / "sdxl-config")).components
+    pipe = StableDiffusionXLPipeline(**{**parts, "vae": _reference_vae(files)})
+    pipe.set_progress_bar_config(disable=True)
+    expected = np.asarray(pipe(PROMPT, num_inference_steps=STEPS, width=64, height=64, guidance_scale=7.5,
+                               generator=torch.Generator().manual_seed(3)).images[0]).astype(int)
+    assert np.abs(ours - expected).max() <= 1 and np.abs(ours - stock).max() > 1
+
+
+def test_training_runs_the_given_vae_in_the_training_precision(files, tmp_path):
+    """bf16 runs on the CPU: the given VAE runs in bf16 and encodes the latents; the stock SDXL VAE
+    (force_upcast) would stay fp32."""
+    from lib_controlnet.train.config import TrainConfig
+    from lib_controlnet.train.synthetic import write_folder_pair
+    from lib_controlnet.train.trainer import Trainer, vae_dtype
+
+    write_folder_pair(tmp_path / "data", 2, seed=1)
+    config = TrainConfig(dataset=str(tmp_path / "data"), base=str(files / "sdxl.safetensors"),
+                         base_config=str(files / "sdxl-config"), vae=str(files / "fixed-vae-ldm.safetensors"),
+                         output_dir=str(tmp_path / "out"), resolution=64, max_train_steps=1, train_batch_size=2,
+                         mixed_precision="bf16", fidelity_samples=0, checkpointing_steps=1000, cache_latents=True)
+    trainer = Trainer(config, export=False)
+    result = trainer.run()
+    vae = trainer.base.vae
+    assert result.steps == 1 and np.isfinite(result.losses[0])
+    assert vae.dtype == torch.bfloat16 and vae.config.force_upcast is False
+    reference = _reference_vae(files).state_dict()
+    assert torch.equal(vae.state_dict()["decoder.conv_out.weight"], reference["decoder.conv_out.weight"].bfloat16())
+    from lib_controlnet.base_model import load_pipeline
+
+    stock = load_pipeline(files / "sdxl-config").vae
+    assert stock.config.force_upcast and vae_dtype(stock, torch.bfloat16) == torch.float32
+    # a next run in the same process (the Train tab) may pick another precision: accelerate's one state is reset
+    Trainer(config.replace(mixed_precision="no", output_dir=str(tmp_path / "next")))._accelerator()
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("full checkpoint", "is a full Stable Diffusion checkpoint (it holds a UNet), not a VAE"),
+    ("diffusers unet", "is a UNet, not a VAE"),
+    ("ldm unet", "is a UNet, not a VAE"),
+    ("controlnet", "is a ControlNet, not a VAE"),
+    ("truncated", "truncated or corrupt"),
+    ("other shapes", "does not fit this base model's VAE"),
+])
+def test_wrong_vae_file_is_one_sentence(files, tmp_path, kind, expected):
+    from lib_controlnet.tiny_models import tiny_vae
+    from lib_controlnet.vae_file import VaeFileError, load_vae_file
+
+    path = tmp_path / f"{kind.replace(' ', '-')}.safetensors"
+    if kind == "full checkpoint":
+        path = files / "sdxl.safetensors"
+    elif kind == "diffusers unet":
+        save_file({"conv_in.weight": torch.zeros(4), "down_blocks.0.attentions.0.proj_in.weight": torch.zeros(4)}, str(path))
+    elif kind == "ldm unet":
+        save_file({"input_blocks.0.0.weight": torch.zeros(4), "time_embed.0.weight": torch.zeros(4)}, str(path))
+    elif kind == "controlnet":
+        save_file({"control_model.input_hint_block.0.weight": torch.zeros(4)}, str(path))
+    elif kind == "truncated":
+        data = (files / "fixed-vae-ldm.safetensors").read_bytes()
+        path.write_bytes(data[:len(data) // 2])
+    else:  # a VAE of another width (as one of another model with other channels would be)
+        state = _ldm_vae(seed=5)
+        state["encoder.conv_in.weight"] = torch.zeros(16, 3, 3, 3)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    with pytest.raises(VaeFileError) as error:
+        load_vae_file(path, tiny_vae())
+    assert expected in str(error.value) and path.name in str(error.value) and "\n" not in str(error.value)
+
+
+def test_wrong_vae_file_through_the_cli_writes_nothing(files, tmp_path, capsys):
+    path = tmp_path / "unet.safetensors"
+    save_file({"input_blocks.0.0.weight": torch.zeros(4, 4)}, str(path))
+    code = main(["generate", "--base", str(files / "sdxl.safetensors"), "--base-config", str(files / "sdxl-config"),
+                 "--prompt", "x", "--steps", "1", "--size", "64x64", "--vae", str(path),
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "unet.safetensors is a UNet, not a VAE" in err and err.count("\n") == 0, err
+    assert not (tmp_path / "out").exists()
