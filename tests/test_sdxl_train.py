@@ -116,3 +116,34 @@ def test_an_unknown_controlnet_size_is_refused():
 
     with pytest.raises(ConfigError, match="controlnet_size must be one of full, mid, small"):
         TrainConfig(controlnet_size="huge").validate()
+
+
+def test_fine_tuning_an_existing_sdxl_controlnet_from_the_cli(trained, capsys):
+    """`train --controlnet FILE`: training starts from the released-layout SDXL file (ldm keys with label_emb), not
+    from a copy of the UNet, and exports it again as SDXL; an SD1.5 ControlNet for this base is one sentence."""
+    from lib_controlnet import tiny_models
+    from lib_controlnet.cli import main
+    from lib_controlnet.models import inspect_model, load_controlnet, save_controlnet_ldm
+
+    root, start = trained["root"], trained["result"].exported
+    common = ["train", "--dataset", str(root / "train"), "--base", str(root / "sdxl.safetensors"), "--base-config",
+              str(root / "sdxl-config"), "--resolution", "64", "--max-train-steps", "1", "--train-batch-size", "2",
+              "--learning-rate", "1e-9", "--fidelity-samples", "0", "--export-dir", str(root / "models"),
+              "--export-dtype", "fp32", "--quiet"]
+    assert main(common + ["--controlnet", str(start), "--output-dir", str(root / "tune"),
+                          "--export-name", "tuned"]) == 0
+    capsys.readouterr()
+    tuned = root / "models" / "tuned.safetensors"
+    assert inspect_model(tuned).base.startswith("sdxl")
+    before, after = load_controlnet(start, dtype=torch.float32).state_dict(), load_controlnet(tuned).state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.allclose(after[k], before[k], atol=1e-6) for k in before)  # lr 1e-9: one step barely moves it
+    unet_copy = trained["base"].unet.state_dict()
+    assert not torch.allclose(after["down_blocks.0.resnets.0.conv1.weight"],
+                              unet_copy["down_blocks.0.resnets.0.conv1.weight"])  # trained weights, not a new copy
+
+    sd15 = save_controlnet_ldm(tiny_models.tiny_controlnet("sd15"), root / "sd15-cn.safetensors", dtype="fp32")
+    assert main(common + ["--controlnet", str(sd15), "--output-dir", str(root / "wrong")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "sd15-cn.safetensors was made for another base model than this SDXL base" in err and "\n" not in err, err
+    assert not (root / "wrong" / "checkpoint-1").exists()

@@ -34,6 +34,10 @@ def run_train(args) -> int:
     from lib_controlnet.train.trainer import TrainCallbacks, Trainer
 
     config = config_from_args(args)
+    if args.quiet:  # diffusers' "Loading pipeline components" bars too
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
     last_print = [0.0]
 
     def on_progress(progress) -> None:

@@ -41,3 +41,19 @@ def controlnet_from_unet(unet, size: str = "full"):
     if missing:  # would leave random layers in a network meant to start as the UNet's copy
         raise RuntimeError(f"the {size} ControlNet has layers the full copy lacks: {missing[:3]}")
     return smaller
+
+
+# What a ControlNet must share with the UNet it trains beside (its residuals go onto that UNet's blocks)
+FIT_KEYS = (("cross_attention_dim", "text-embedding width"), ("addition_embed_type", "added conditioning"),
+            ("block_out_channels", "block widths"), ("in_channels", "latent channels"))
+
+
+def misfit(controlnet, unet) -> str:
+    """How `controlnet` differs from `unet` where they must agree ("" when it fits)."""
+    for key, what in FIT_KEYS:
+        ours, theirs = controlnet.config.get(key), unet.config.get(key)
+        if key == "block_out_channels":
+            ours, theirs = tuple(ours or ()), tuple(theirs or ())
+        if ours != theirs:
+            return f"{what} {ours} vs the base's {theirs}"
+    return ""

@@ -115,8 +115,8 @@ class Trainer:
         return optimizer_class(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                                weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
 
-    def _controlnet(self, unet):
-        from lib_controlnet.train.controlnet_size import controlnet_from_unet
+    def _controlnet(self, base):
+        from lib_controlnet.train.controlnet_size import controlnet_from_unet, misfit
 
         if self.config.controlnet:
             from lib_controlnet.models import load_controlnet
@@ -125,8 +125,15 @@ class Trainer:
             if not path.exists():
                 raise ConfigError(f"ControlNet to fine-tune {self.config.controlnet} does not exist.")
             model = load_controlnet(path, dtype=torch.float32)
+            problem = misfit(model, base.unet)
+            if problem:
+                from lib_controlnet.base_model import ARCHITECTURES
+
+                label = ARCHITECTURES[base.family].label
+                raise ConfigError(f"ControlNet to fine-tune {path.name} was made for another base model than this "
+                                  f"{label} base ({problem}); pick one made for it, or leave controlnet empty.")
         else:
-            model = controlnet_from_unet(unet, self.config.controlnet_size)
+            model = controlnet_from_unet(base.unet, self.config.controlnet_size)
         model.requires_grad_(True)
         return model
 
@@ -169,7 +176,7 @@ class Trainer:
         base.vae.to(device, vae_dtype(base.vae, weight_dtype))
         base.text_encoders_to(device, weight_dtype)
         base.unet.to(device, weight_dtype if config.sd_locked else torch.float32)
-        controlnet = self._controlnet(base.unet)
+        controlnet = self._controlnet(base)
         params = list(controlnet.parameters())
         if not config.sd_locked:  # lllyasviel's sd_locked=False: the UNet decoder trains too
             for name, param in base.unet.named_parameters():
