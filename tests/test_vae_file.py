@@ -1,7 +1,8 @@
 """A user-given VAE file (`--vae`, the `vae` training setting): ldm keys as sdxl_vae.safetensors / sdxl-vae-fp16-fix
 ship them and diffusers keys (old attention names too) load to the weights diffusers' own loader reads; `generate
---vae` decodes with it exactly as diffusers' SDXL pipeline with that VAE; training takes it as fp16-safe (it runs in
-the training precision, the stock SDXL VAE stays fp32); other files get one sentence."""
+--vae` decodes with it exactly as diffusers' SDXL pipeline with that VAE; the Train tab passes it (and the ControlNet
+size) to training, which takes it as fp16-safe (it runs in the training precision, the stock SDXL VAE stays fp32);
+other files get one sentence."""
 import numpy as np
 import pytest
 import torch
@@ -71,33 +72,6 @@ def test_generate_with_vae_equals_diffusers_sdxl_pipeline_with_that_vae(files, t
     assert np.abs(ours - expected).max() <= 1 and np.abs(ours - stock).max() > 1
 
 
-def test_training_runs_the_given_vae_in_the_training_precision(files, tmp_path):
-    """bf16 runs on the CPU: the given VAE runs in bf16 and encodes the latents; the stock SDXL VAE
-    (force_upcast) would stay fp32."""
-    from lib_controlnet.train.config import TrainConfig
-    from lib_controlnet.train.synthetic import write_folder_pair
-    from lib_controlnet.train.trainer import Trainer, vae_dtype
-
-    write_folder_pair(tmp_path / "data", 2, seed=1)
-    config = TrainConfig(dataset=str(tmp_path / "data"), base=str(files / "sdxl.safetensors"),
-                         base_config=str(files / "sdxl-config"), vae=str(files / "fixed-vae-ldm.safetensors"),
-                         output_dir=str(tmp_path / "out"), resolution=64, max_train_steps=1, train_batch_size=2,
-                         mixed_precision="bf16", fidelity_samples=0, checkpointing_steps=1000, cache_latents=True)
-    trainer = Trainer(config, export=False)
-    result = trainer.run()
-    vae = trainer.base.vae
-    assert result.steps == 1 and np.isfinite(result.losses[0])
-    assert vae.dtype == torch.bfloat16 and vae.config.force_upcast is False
-    reference = _reference_vae(files).state_dict()
-    assert torch.equal(vae.state_dict()["decoder.conv_out.weight"], reference["decoder.conv_out.weight"].bfloat16())
-    from lib_controlnet.base_model import load_pipeline
-
-    stock = load_pipeline(files / "sdxl-config").vae
-    assert stock.config.force_upcast and vae_dtype(stock, torch.bfloat16) == torch.float32
-    # a next run in the same process (the Train tab) may pick another precision: accelerate's one state is reset
-    Trainer(config.replace(mixed_precision="no", output_dir=str(tmp_path / "next")))._accelerator()
-
-
 @pytest.mark.parametrize("kind, expected", [
     ("full checkpoint", "is a full Stable Diffusion checkpoint (it holds a UNet), not a VAE"),
     ("diffusers unet", "is a UNet, not a VAE"),
@@ -140,3 +114,40 @@ def test_wrong_vae_file_through_the_cli_writes_nothing(files, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and "unet.safetensors is a UNet, not a VAE" in err and err.count("\n") == 0, err
     assert not (tmp_path / "out").exists()
+
+
+def test_train_tab_passes_controlnet_size_and_vae_to_the_trainer(files, tmp_path):
+    """The Train tab's Start handler with the tab's own defaults, a single-file SDXL base (the architecture comes
+    from the file), the size selector on "small", the VAE field filled and bf16 (it runs on the CPU): an SDXL-small
+    ControlNet is exported and the given VAE ran in bf16, where the stock SDXL VAE (force_upcast) stays fp32."""
+    import gradio as gr
+
+    from lib_controlnet.models import inspect_model
+    from lib_controlnet.train.synthetic import write_folder_pair
+    from lib_controlnet.ui.train_tab import FIELDS, build_train_tab
+
+    with gr.Blocks():
+        tab = build_train_tab()
+    components = tab["components"]
+    assert components["controlnet_size"].value == "full" and components["vae"].value == ""
+    write_folder_pair(tmp_path / "data", 2, seed=1)
+    values = {name: components[name].value for name in FIELDS}
+    values.update(dataset=str(tmp_path / "data"), base=str(files / "sdxl.safetensors"),
+                  base_config=str(files / "sdxl-config"), output_dir=str(tmp_path / "run"), resolution=64,
+                  max_train_steps=1, train_batch_size=2, validation_steps=0, export_dir=str(tmp_path / "models"),
+                  export_dtype="fp32", controlnet_size="small", vae=str(files / "fixed-vae-ldm.safetensors"),
+                  mixed_precision="bf16")
+    updates = list(tab["on_start"](False, *[values[name] for name in FIELDS]))
+    runner = tab["runner"]
+    assert runner.error is None, updates[-1][1]
+    assert inspect_model(runner.result.exported).base == "sdxl_small"
+    assert "VAE from fixed-vae-ldm.safetensors, taken as fp16-safe: it runs in bfloat16" in runner.messages
+    assert str(runner.result.exported) in updates[-1][4]  # the Exported files box
+    from lib_controlnet.base_model import load_pipeline
+    from lib_controlnet.train.config import TrainConfig
+    from lib_controlnet.train.trainer import Trainer, vae_dtype
+
+    stock = load_pipeline(files / "sdxl-config").vae
+    assert stock.config.force_upcast and vae_dtype(stock, torch.bfloat16) == torch.float32
+    # a next run in the same process may pick another precision: accelerate's one state is reset
+    Trainer(TrainConfig(mixed_precision="no", output_dir=str(tmp_path / "next")))._accelerator()

@@ -172,8 +172,10 @@ class Trainer:
             from lib_controlnet.vae_file import load_vae_file
 
             base.vae = load_vae_file(config.vae, base.vae)
-            self._message(f"VAE from {Path(config.vae).name} (fp16-safe: it runs in the training precision)")
         base.vae.to(device, vae_dtype(base.vae, weight_dtype))
+        if config.vae:
+            self._message(f"VAE from {Path(config.vae).name}, taken as fp16-safe: it runs in "
+                          f"{str(base.vae.dtype).replace('torch.', '')}")
         base.text_encoders_to(device, weight_dtype)
         base.unet.to(device, weight_dtype if config.sd_locked else torch.float32)
         controlnet = self._controlnet(base)

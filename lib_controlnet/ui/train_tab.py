@@ -13,7 +13,7 @@ import html
 import time
 
 from lib_controlnet.errors import UserError
-from lib_controlnet.train.config import CROPS, PRECISIONS, PREDICTION_TYPES, SCHEDULERS, TrainConfig
+from lib_controlnet.train.config import CONTROLNET_SIZES, CROPS, PRECISIONS, PREDICTION_TYPES, SCHEDULERS, TrainConfig
 from lib_controlnet.train.runner import BackgroundTraining
 
 FIELDS = (  # order of the values the Start button sends; names are TrainConfig fields
@@ -23,7 +23,7 @@ FIELDS = (  # order of the values the Start button sends; names are TrainConfig 
     "cache_text_embeddings", "proportion_empty_prompts", "crop", "random_flip", "aspect_buckets", "prediction_type",
     "image_column", "conditioning_image_column", "caption_column", "checkpointing_steps", "checkpoints_total_limit",
     "resume_from", "validation_prompts", "validation_images", "validation_steps", "export_dir", "export_name",
-    "export_dtype", "export_diffusers",
+    "export_dtype", "export_diffusers", "controlnet_size", "vae",
 )
 LIST_FIELDS = ("validation_prompts", "validation_images")
 
@@ -134,6 +134,12 @@ def build_train_tab(runner: BackgroundTraining | None = None, loaded_checkpoint=
                 c["base_config"] = gr.Textbox(label="Base config folder (for a single-file base)")
                 c["controlnet"] = gr.Textbox(label="Fine-tune this ControlNet (empty: start from the UNet)")
                 c["prediction_type"] = gr.Dropdown(list(PREDICTION_TYPES), value="auto", label="Prediction type")
+            with gr.Row():  # the architecture (SD1.x / SD2.x / SDXL) comes from the base itself
+                c["controlnet_size"] = gr.Dropdown(list(CONTROLNET_SIZES), value=d.controlnet_size,
+                                                   label="New ControlNet size (full copy of the UNet encoder, or "
+                                                         "mid / small as the released SDXL ones)")
+                c["vae"] = gr.Textbox(label="VAE file, fp16-safe (e.g. sdxl-vae-fp16-fix; empty: the base's own, "
+                                            "SDXL's kept in fp32)")
         with gr.Accordion("Checkpoints, validation, export", open=False):
             with gr.Row():
                 c["checkpointing_steps"] = gr.Number(value=d.checkpointing_steps, precision=0,
