@@ -137,3 +137,20 @@ def test_install_clears_hooks_a_dead_job_left_behind(pair):
     second.remove()
     first.remove()  # idempotent, harmless
     assert _hook_count(ldm_unet) == 0
+
+
+@pytest.mark.parametrize("unet_family, controlnet_family", [("sd15", "sdxl"), ("sdxl", "sd15")])
+def test_controlnet_of_the_other_family_is_one_sentence_and_nothing_hooked(unet_family, controlnet_family):
+    """In the WebUI: an SDXL ControlNet on the SD1.5 ldm UNet, and an SD1.5 one on the sgm-shaped SDXL UNet."""
+    from lib_controlnet.control import ControlError
+
+    unet, _ = diffusers_pair(unet_family)
+    ldm_unet = ldm_unet_like(unet, unet_family)
+    _, controlnet = diffusers_pair(controlnet_family)
+    data = inputs(unet_family)
+    before = ldm_call(ldm_unet, unet_family, data, unet)
+    with pytest.raises(ControlError) as error:
+        with host.hooked(ldm_unet, make_controller(controlnet, inputs(controlnet_family))):
+            pass
+    assert "made for another base model" in str(error.value) and "\n" not in str(error.value)
+    assert _hook_count(ldm_unet) == 0 and torch.equal(ldm_call(ldm_unet, unet_family, data, unet), before)

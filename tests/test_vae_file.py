@@ -151,3 +151,35 @@ def test_train_tab_passes_controlnet_size_and_vae_to_the_trainer(files, tmp_path
     assert stock.config.force_upcast and vae_dtype(stock, torch.bfloat16) == torch.float32
     # a next run in the same process may pick another precision: accelerate's one state is reset
     Trainer(TrainConfig(mixed_precision="no", output_dir=str(tmp_path / "next")))._accelerator()
+
+
+def test_half_precision_validation_with_the_stock_fp32_sdxl_vae(files, tmp_path):
+    """Mixed precision (bf16 runs on the CPU): the UNet in bf16, the stock SDXL VAE kept in fp32 (force_upcast), the
+    ControlNet as Accelerate prepares it (outputs cast to fp32). The validation image is drawn and equals the
+    fp32 one closely: residuals reach the UNet in its dtype, latents reach the VAE in its own."""
+    from accelerate import Accelerator
+    from diffusers import ControlNetModel
+
+    from lib_controlnet.train.base import load_base
+    from lib_controlnet.train.config import TrainConfig
+    from lib_controlnet.train.trainer import Trainer, vae_dtype
+    from lib_controlnet.train.validation import Validator
+
+    hint = Image.new("RGB", (64, 64), "white")
+    hint.paste((0, 0, 0), (16, 16, 48, 48))
+    hint.save(tmp_path / "hint.png")
+    config = TrainConfig(resolution=64, validation_prompts=[PROMPT], validation_images=[str(tmp_path / "hint.png")],
+                         validation_inference_steps=2, mixed_precision="bf16", output_dir=str(tmp_path / "run"))
+    base = load_base(files / "sdxl.safetensors", str(files / "sdxl-config"))
+    torch.manual_seed(0)
+    controlnet = ControlNetModel.from_unet(base.unet)
+    plain = Validator(base, config, torch.device("cpu"), torch.float32).run(controlnet, 0, tmp_path / "fp32")
+    Trainer(config)._accelerator()  # the run's Accelerate state, bf16
+    prepared = Accelerator(mixed_precision="bf16").prepare(controlnet)
+    assert vae_dtype(base.vae, torch.bfloat16) == torch.float32
+    base.unet.to(torch.bfloat16)
+    base.text_encoders_to("cpu", torch.bfloat16)
+    half = Validator(base, config, torch.device("cpu"), torch.bfloat16).run(prepared, 1, tmp_path / "bf16")
+    assert base.vae.dtype == torch.float32 and not base.vae.decoder._forward_pre_hooks
+    ours, reference = (np.asarray(images[0][1]).astype(int) for images in (half, plain))
+    assert np.abs(ours - reference).mean() < 8, np.abs(ours - reference).mean()

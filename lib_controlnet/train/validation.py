@@ -65,7 +65,7 @@ class control_pipeline:
 
         base = self.base
         self.model = model = (self.controlnet if self.weight_dtype == torch.float32
-                              else copy.deepcopy(self.controlnet).to(self.weight_dtype))
+                              else _plain_copy(self.controlnet).to(self.weight_dtype))
         self.was_training = model.training
         model.eval()
         parts = dict(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
@@ -76,14 +76,39 @@ class control_pipeline:
             parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipe = ARCHITECTURES[base.family].pipeline_class(controlnet=True)(**parts)
         pipe.set_progress_bar_config(disable=True)
+        self.hooks = _decode_in_vae_dtype(base.vae)
         self.rng = torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
         self.rng.__enter__()
         return pipe
 
     def __exit__(self, *exc):
         self.rng.__exit__(*exc)
+        for hook in self.hooks:
+            hook.remove()
         self.model.train(self.was_training)
         return False
+
+
+def _decode_in_vae_dtype(vae) -> list:
+    """Latents in the VAE's dtype at decoding. The pipelines hand the UNet's half-precision latents to the VAE and
+    upcast only an fp16 VAE with force_upcast; a VAE kept in fp32 beside a half UNet (SDXL's stock one, any
+    force_upcast VAE) would refuse them."""
+    def cast(module, args):
+        weight = next(module.parameters())
+        return (args[0].to(weight.dtype), *args[1:]) if args and args[0].dtype != weight.dtype else None
+
+    return [module.register_forward_pre_hook(cast) for module in (getattr(vae, "post_quant_conv", None), vae.decoder)
+            if module is not None]
+
+
+def _plain_copy(controlnet):
+    """A copy of the training ControlNet with its class's forward. Under mixed precision Accelerate sets an instance
+    `forward` (autocast, outputs cast to fp32) bound to the original: a deep copy would still run the original and
+    hand fp32 residuals to the half-precision UNet."""
+    model = copy.deepcopy(controlnet)
+    for name in ("forward", "_original_forward"):
+        model.__dict__.pop(name, None)
+    return model
 
 
 class PromptEmbeddings:
