@@ -117,6 +117,47 @@ def _anime_face():
     return {f"module.{k}": v for k, v in build().state_dict().items()}
 
 
+# Depth Anything's sizes (Depth-Anything-V2's README: encoder width, head features, head channels); "tiny" is
+# for tests: the released key layout and depth at a fraction of the width.
+DEPTH_ANYTHING_SIZES = {"vits": (384, 64, (48, 96, 192, 384)), "vitb": (768, 128, (96, 192, 384, 768)),
+                        "vitl": (1024, 256, (256, 512, 1024, 1024)), "tiny": (64, 16, (8, 16, 32, 32))}
+
+
+def depth_anything(size: str = "vits", seed: int = 0) -> dict:
+    """A random Depth Anything state dict (v1 and v2 share the layout) with the released files' keys and shapes.
+
+    Values come from a generator seeded here, key by key in sorted order, not from the modules' initialisers:
+    the same seed gives the same tensors whatever order the modules are built in (stored reference maps rely
+    on it). Scales keep the activations alive through 12-24 blocks and the head's ReLUs."""
+    import torch
+
+    from annotators.depth_anything import Config, DepthAnything
+
+    dim, features, channels = DEPTH_ANYTHING_SIZES[size]
+    depth = 24 if size == "vitl" else 12
+    config = Config(dim=dim, depth=depth, heads=max(1, dim // 64), features=features, out_channels=channels)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in DepthAnything(config, 2).state_dict().items()}
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for key in sorted(shapes):
+        shape = shapes[key]
+        noise = torch.randn(shape, generator=generator)
+        if key.endswith(("norm1.weight", "norm2.weight", "norm.weight")):
+            value = 1.0 + 0.1 * noise
+        elif key.endswith(".gamma"):
+            value = 0.3 + 0.05 * noise
+        elif key.endswith("bias") or len(shape) < 2 or key.endswith(("_token", "pos_embed")):
+            value = 0.05 * noise
+        else:
+            fan_in = shape[1] * (shape[2] * shape[3] if len(shape) == 4 else 1)
+            value = noise / fan_in ** 0.5
+        if key.endswith("output_conv2.2.bias"):  # the depth's offset: few pixels clipped to 0 by the last ReLU
+            value = value + 1.0
+        out[key] = value.contiguous()
+    return out
+
+
 BUILDERS: dict[str, Callable[[], dict]] = {
     "ControlNetHED.pth": _hed,
     "table5_pidinet.pth": _pidinet,
@@ -137,6 +178,8 @@ BUILDERS: dict[str, Callable[[], dict]] = {
     "ControlNetLama.pth": _lama,
     "UNet.pth": _anime_face,
 }
+# the small Depth Anything files users have (the large ones: depth_anything(size="vitl"), 1.3 GB)
+BUILDERS.update({"depth_anything_vits14.pth": depth_anything, "depth_anything_v2_vits.pth": depth_anything})
 
 
 def write(directory: Path, names=None, seed: int = 0) -> list[Path]:

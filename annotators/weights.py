@@ -51,6 +51,8 @@ class WeightFile:
     family: str  # sub-folder name the other extension uses
     repo: str = "lllyasviel/Annotators"
     repo_path: str = ""  # path inside the repo when it is not the bare file name
+    repo_type: str = "model"  # "space" for files published in a Hugging Face Space
+    sha256: str = ""  # the publisher's hash (the hub's LFS sha256), checked after a download when given
 
 
 WEIGHTS: dict[str, WeightFile] = {w.filename: w for w in (
@@ -81,6 +83,15 @@ WEIGHTS: dict[str, WeightFile] = {w.filename: w for w in (
     WeightFile("upernet-convnext-small", "segmentation", repo="openmmlab/upernet-convnext-small"),
     WeightFile("oneformer_ade20k_swin_tiny", "oneformer", repo="shi-labs/oneformer_ade20k_swin_tiny"),
     WeightFile("oneformer_coco_swin_large", "oneformer", repo="shi-labs/oneformer_coco_swin_large"),
+    # Depth Anything v1: the checkpoints in the authors' Space; v2: the authors' model repos, and the .safetensors
+    # copies the other WebUI ControlNet extension downloads (found when present, never downloaded here)
+    *(WeightFile(f"depth_anything_{size}14.pth", "depth_anything", repo="LiheYoung/Depth-Anything",
+                 repo_path=f"checkpoints/depth_anything_{size}14.pth", repo_type="space")
+      for size in ("vitl", "vitb", "vits")),
+    *(WeightFile(f"depth_anything_v2_{size}.pth", "depth_anything_v2", repo=f"depth-anything/Depth-Anything-V2-{name}")
+      for size, name in (("vitl", "Large"), ("vitb", "Base"), ("vits", "Small"))),
+    *(WeightFile(f"depth_anything_v2_{size}.safetensors", "depth_anything_v2",
+                 repo="MackinationsAi/Depth-Anything-V2_Safetensors") for size in ("vitl", "vitb", "vits")),
 )}
 
 
@@ -155,3 +166,21 @@ def find_weight(filename: str, label: str = "this preprocessor") -> Path:
         f"The {label} preprocessor needs the weight file {spec.filename}: put it in {root} "
         f"(it is published in {where} on Hugging Face), {download_hint()}."
     )
+
+
+def find_first(filenames, label: str) -> Path:
+    """The first of `filenames` (alternatives, preferred first) found in the annotator folder; else the first
+    one, downloaded where allowed (find_weight)."""
+    root = annotator_dir()
+    for name in filenames:
+        spec = WEIGHTS.get(name) or WeightFile(name, "")
+        found = _search(root, spec)
+        if found is not None:
+            return _only_weights(found, spec, spec.repo)
+    try:
+        return find_weight(filenames[0], label)
+    except AnnotatorWeightsError as error:
+        if len(filenames) < 2:
+            raise
+        others = ", ".join(filenames[1:])
+        raise AnnotatorWeightsError(f"{error} Any of {others} works too.") from None
