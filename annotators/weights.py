@@ -110,17 +110,25 @@ def _search(root: Path, spec: WeightFile) -> Path | None:
 
 
 def _download(spec: WeightFile, root: Path) -> Path:
+    target = root / spec.family
+    if not spec.filename.endswith((".pth", ".pt", ".safetensors", ".onnx", ".bin", ".ckpt")):
+        return _download_folder(spec, root)
+    from annotators import download
+
+    url = download.file_url(spec.repo, spec.repo_path or spec.filename, spec.repo_type)
+    try:
+        return download.download(url, target / spec.filename, spec.sha256)
+    except download.DownloadError as error:
+        raise AnnotatorWeightsError(str(error)) from None
+
+
+def _download_folder(spec: WeightFile, root: Path) -> Path:
+    """A transformers model folder (segmentation): huggingface_hub's snapshot_download fetches its files."""
     import huggingface_hub  # only here: most runs never download
 
     target = root / spec.family
     target.mkdir(parents=True, exist_ok=True)
     try:
-        if spec.filename.endswith((".pth", ".pt")):
-            path = huggingface_hub.hf_hub_download(spec.repo, spec.repo_path or spec.filename, local_dir=target)
-            final = target / spec.filename
-            if Path(path) != final:
-                os.replace(path, final)
-            return final
         return Path(huggingface_hub.snapshot_download(spec.repo, local_dir=target / spec.filename))
     except Exception as error:  # network, offline mode, missing repo: all end the same way for the user
         raise AnnotatorWeightsError(

@@ -15,6 +15,10 @@ SHIPPED_CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 # How the preprocessor networks that tolerate it compute (annotators.runtime.inference): "auto" is bfloat16
 # where the CPU has bfloat16 matrix units (AMX) and float32 elsewhere; "float32" gives controlnet-aux's maps.
 ANNOTATOR_PRECISIONS = ("auto", "float32", "bfloat16")
+# In the WebUI a missing annotator file downloads by itself unless the user turns the setting off (as users of the
+# other WebUI ControlNet extension expect); the CLI, the standalone app and the tests keep
+# Settings.allow_annotator_downloads (off) unless asked (--allow-annotator-downloads).
+WEBUI_DOWNLOADS_DEFAULT = True
 
 
 @dataclasses.dataclass

@@ -165,6 +165,9 @@ def test_settings_section_and_mirror(webui):
             "control_net_detected_maps_dir", "control_net_allow_annotator_downloads",
             "control_net_annotator_precision"} <= set(keys)
     assert shared.opts.data_labels["control_net_unit_count"].default == 3
+    # in the WebUI missing annotator weights download by themselves unless the user turns that off
+    assert shared.opts.data_labels["control_net_allow_annotator_downloads"].default is True
+    assert settings.sync().allow_annotator_downloads is True
     shared.opts.set("control_net_model_cache_size", 4)  # onchange mirrors at once
     assert get_settings().model_cache_size == 4
     shared.opts.set("control_net_annotator_precision", "float32")

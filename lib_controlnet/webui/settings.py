@@ -29,7 +29,7 @@ def _option_specs(gr) -> dict:
         "control_net_save_detected_maps": (defaults.save_detected_maps, "Save detected maps to a folder", None, None),
         "control_net_detected_maps_dir": ("", f"Folder for detected maps; empty: {defaults.detected_maps_dir}",
                                           None, None),
-        "control_net_allow_annotator_downloads": (defaults.allow_annotator_downloads,
+        "control_net_allow_annotator_downloads": (cnet_settings.WEBUI_DOWNLOADS_DEFAULT,
                                                   "Allow preprocessors to download missing weights", None, None),
         "control_net_annotator_precision": (defaults.annotator_precision,
                                             "Preprocessor network precision (auto: bfloat16 on CPUs with AMX, "
@@ -86,7 +86,7 @@ def sync() -> cnet_settings.Settings:
         save_detected_maps=bool(_opt(opts, "control_net_save_detected_maps", defaults.save_detected_maps)),
         detected_maps_dir=Path(maps_dir) if maps_dir else defaults.detected_maps_dir,
         allow_annotator_downloads=bool(_opt(opts, "control_net_allow_annotator_downloads",
-                                            defaults.allow_annotator_downloads)),
+                                            cnet_settings.WEBUI_DOWNLOADS_DEFAULT)),
         annotator_precision=_precision(_opt(opts, "control_net_annotator_precision", defaults.annotator_precision)),
     )
 
