@@ -109,7 +109,7 @@ def download(url: str, target: Path, sha256: str = "", timeout: float | None = N
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
-    by_hand = f"download it by hand from {url} into {target.parent}"
+    by_hand = f"download it by hand into {target.parent} from {url}"
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         raise DownloadError(f"Could not download {target.name}: Hugging Face downloads are off here "
                             f"(HF_HUB_OFFLINE is set); {by_hand}.")

@@ -6,6 +6,7 @@ imports only the detector module asked for, keeping `import controlnet_aux` itse
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib
 import importlib.util
@@ -49,14 +50,157 @@ def device():
 
 @functools.lru_cache(maxsize=1)
 def bfloat16_matrix_units() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices natively (AMX tiles): there bfloat16 convolutions run
-    several times faster than float32 ones; elsewhere they are emulated and gain little."""
+    """Whether this CPU multiplies bfloat16 matrices in AMX tiles: there bfloat16 convolutions run several
+    times faster than float32 ones, no need to measure."""
     import torch
 
     try:
         return bool(torch.cpu._is_amx_tile_supported() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # private probes: an older or newer torch may lack them
         return False
+
+
+@functools.lru_cache(maxsize=1)
+def bfloat16_instructions() -> bool:
+    """Whether oneDNN runs bfloat16 here with the CPU's own bfloat16 dot products (avx512_bf16, or AMX)."""
+    import torch
+
+    try:
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return False
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):
+        try:  # an older torch without the probe: the kernel's CPU flags
+            with open("/proc/cpuinfo") as info:
+                return " avx512_bf16" in info.read()
+        except OSError:
+            return False
+
+
+# bfloat16 must be at least this much faster in the probe to be picked: below it the maps' rounding buys too little
+MEASURED_GAIN = 1.15
+
+
+def _time_precisions(seconds: float = 0.3, most: int = 100) -> float:
+    """float32 time / bfloat16 time on a probe shaped like the annotators' work: a 3x3 convolution over a
+    64-channel map (channels-last) and a token-by-feature matrix product, float32 and bfloat16 in alternation.
+
+    Timed on one thread in that thread's CPU time (time.thread_time), each one's best run counting: the ratio is
+    the core's own, whatever else the machine runs. Wall-clock timing on a shared, busy CPU gave ratios from 0.5
+    to 16 for the same probe; CPU time does not count the moments the thread waits for a core."""
+    import time
+
+    import torch
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1).eval().to(memory_format=torch.channels_last)
+    linear = torch.nn.Linear(384, 1536).eval()
+    probes = ((conv, torch.randn(1, 64, 32, 32).contiguous(memory_format=torch.channels_last)),
+              (linear, torch.randn(1, 197, 384)))
+
+    def once(layer, x, low: bool) -> float:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
+            started = time.thread_time()
+            layer(x)
+            return time.thread_time() - started
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for layer, x in probes:  # first-call set-up (oneDNN primitives) is not speed
+            once(layer, x, False), once(layer, x, True)
+        best = [[float("inf")] * 2 for _ in probes]
+        deadline = time.perf_counter() + seconds
+        for run in range(most):
+            for index, (layer, x) in enumerate(probes):
+                best[index][0] = min(best[index][0], once(layer, x, False))
+                best[index][1] = min(best[index][1], once(layer, x, True))
+            if run >= 5 and time.perf_counter() > deadline:
+                break
+    finally:
+        torch.set_num_threads(threads)
+    return sum(b[0] for b in best) / max(sum(b[1] for b in best), 1e-9)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecisionChoice:
+    dtype: object  # torch.bfloat16 or None (float32)
+    reason: str
+
+
+def choose_auto_precision(amx: bool, bf16: bool, measure: Callable[[], float]) -> PrecisionChoice:
+    """What "auto" means on a CPU: bfloat16 with AMX (known several times faster); measured where the CPU has
+    bfloat16 instructions without AMX (avx512_bf16: faster on most such CPUs, not on all); float32 where oneDNN
+    would emulate bfloat16 (slower)."""
+    import torch
+
+    if amx:
+        return PrecisionChoice(torch.bfloat16, "AMX bfloat16 matrix units")
+    if not bf16:
+        return PrecisionChoice(None, "no bfloat16 instructions on this CPU")
+    gain = measure()
+    if gain >= MEASURED_GAIN:
+        return PrecisionChoice(torch.bfloat16, f"avx512_bf16: bfloat16 measured {gain:.1f}x faster than float32")
+    return PrecisionChoice(None, f"avx512_bf16, but bfloat16 measured only {gain:.2f}x as fast as float32")
+
+
+def _measured_gain_cache():
+    """The probe's result is kept per machine (CPU, torch, thread count) in the user's cache folder: every
+    process then makes the same choice, and a map does not change with how busy the CPU was at start-up."""
+    import json
+    import os
+    import platform
+    from pathlib import Path
+
+    import torch
+
+    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "controlnet-studio"
+    key = f"{platform.processor() or platform.machine()}|{_cpu_name()}|torch {torch.__version__}|" \
+          f"{torch.get_num_threads()} threads"
+    path = folder / "bfloat16_gain.json"
+
+    def measure() -> float:
+        try:
+            known = json.loads(path.read_text())
+        except (OSError, ValueError):
+            known = {}
+        if isinstance(known.get(key), (int, float)):
+            return float(known[key])
+        gain = _time_precisions()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            known[key] = gain
+            tmp = path.with_name(f"{path.name}.{os.getpid()}")
+            tmp.write_text(json.dumps(known, indent=1))
+            os.replace(tmp, path)
+        except OSError:  # a read-only home: measure again next time
+            pass
+        return gain
+
+    return measure
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+@functools.lru_cache(maxsize=1)
+def auto_precision() -> PrecisionChoice:
+    """The "auto" choice on this machine, decided (and logged) once per process."""
+    if device().type != "cpu":
+        choice = PrecisionChoice(None, f"{device().type} device")
+    else:
+        choice = choose_auto_precision(bfloat16_matrix_units(), bfloat16_instructions(), _measured_gain_cache())
+    name = "float32" if choice.dtype is None else "bfloat16"
+    print(f"ControlNet Studio: preprocessor precision auto -> {name} ({choice.reason}).", file=sys.stderr, flush=True)
+    return choice
 
 
 def low_precision_dtype():
@@ -66,8 +210,8 @@ def low_precision_dtype():
     choice = get_settings().annotator_precision
     if choice == "bfloat16":
         return torch.bfloat16
-    if choice == "auto" and device().type == "cpu" and bfloat16_matrix_units():
-        return torch.bfloat16
+    if choice == "auto":
+        return auto_precision().dtype
     return None
 
 

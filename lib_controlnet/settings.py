@@ -13,7 +13,8 @@ DEFAULT_MODELS_DIR = EXTENSION_ROOT / "models"
 DEFAULT_ANNOTATOR_DIR = DEFAULT_MODELS_DIR / "annotators"
 SHIPPED_CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 # How the preprocessor networks that tolerate it compute (annotators.runtime.inference): "auto" is bfloat16
-# where the CPU has bfloat16 matrix units (AMX) and float32 elsewhere; "float32" gives controlnet-aux's maps.
+# where the CPU runs it faster (AMX; avx512_bf16 when a probe measures it faster, annotators.runtime.auto_precision)
+# and float32 elsewhere; "float32" gives controlnet-aux's maps.
 ANNOTATOR_PRECISIONS = ("auto", "float32", "bfloat16")
 # In the WebUI a missing annotator file downloads by itself unless the user turns the setting off (as users of the
 # other WebUI ControlNet extension expect); the CLI, the standalone app and the tests keep

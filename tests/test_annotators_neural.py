@@ -164,14 +164,15 @@ def test_bfloat16_mlsd_still_draws_lines_at_the_same_size(weights_dir, bfloat16)
     assert ours.shape == (96, 144, 3) and set(np.unique(ours)) <= {0, 255}
 
 
-def test_auto_precision_is_bfloat16_only_on_cpus_with_bfloat16_matrix_units(weights_dir, monkeypatch):
+def test_auto_precision_follows_the_cpus_choice(weights_dir, monkeypatch):
     import torch
 
-    for choice, amx, expected in [("auto", True, torch.bfloat16), ("auto", False, None),
-                                  ("float32", True, None), ("bfloat16", False, torch.bfloat16)]:
-        monkeypatch.setattr(runtime, "bfloat16_matrix_units", lambda amx=amx: amx)
+    for choice, fast, expected in [("auto", True, torch.bfloat16), ("auto", False, None),
+                                   ("float32", True, None), ("bfloat16", False, torch.bfloat16)]:
+        picked = runtime.PrecisionChoice(torch.bfloat16 if fast else None, "test")
+        monkeypatch.setattr(runtime, "auto_precision", lambda picked=picked: picked)
         update_settings(annotator_precision=choice)
-        assert runtime.low_precision_dtype() == expected, (choice, amx)
+        assert runtime.low_precision_dtype() == expected, (choice, fast)
         with runtime.inference():  # depth, normals, poses, segmentation: float32 whatever the setting
             assert not torch.is_autocast_enabled("cpu")
         with runtime.inference(low_precision=True):

@@ -95,7 +95,7 @@ def test_a_stalled_server_times_out_with_one_sentence(hub, online, monkeypatch):
     message = str(info.value)
     source = f"{url}/stall/lllyasviel/Annotators/resolve/main/sk_model.pth"
     assert message == (f"Could not download sk_model.pth from {source} (no answer within the timeout); "
-                       f"download it by hand from {source} into {online / 'lineart'}.")
+                       f"download it by hand into {online / 'lineart'} from {source}.")
 
 
 def test_offline_is_one_sentence_and_no_request(hub, online, monkeypatch):

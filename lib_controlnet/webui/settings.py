@@ -32,8 +32,9 @@ def _option_specs(gr) -> dict:
         "control_net_allow_annotator_downloads": (cnet_settings.WEBUI_DOWNLOADS_DEFAULT,
                                                   "Allow preprocessors to download missing weights", None, None),
         "control_net_annotator_precision": (defaults.annotator_precision,
-                                            "Preprocessor network precision (auto: bfloat16 on CPUs with AMX, "
-                                            "up to several times faster, maps within a few grey levels; "
+                                            "Preprocessor network precision (auto: bfloat16 where this CPU runs it "
+                                            "faster: AMX, or avx512_bf16 when measured so; maps within a few grey "
+                                            "levels; "
                                             "float32: exactly controlnet-aux's maps)", gr.Radio,
                                             {"choices": list(cnet_settings.ANNOTATOR_PRECISIONS)}),
     }
