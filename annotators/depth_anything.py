@@ -30,7 +30,7 @@ from torch import nn
 
 from annotators.common import Params
 from annotators.runtime import batchable, inference, load_once
-from annotators.weights import find_weight, find_first
+from annotators.weights import find_first
 
 PATCH = 14
 NET_SIDE = 518  # the short side the network sees (37 patches): the released models' training size
@@ -210,7 +210,8 @@ class DPTHead(nn.Module):
         super().__init__()
         oc = c.out_channels
         self.projects = nn.ModuleList(nn.Conv2d(c.dim, o, 1) for o in oc)
-        self.resize_layers = nn.ModuleList([nn.ConvTranspose2d(oc[0], oc[0], 4, 4), nn.ConvTranspose2d(oc[1], oc[1], 2, 2),
+        self.resize_layers = nn.ModuleList([nn.ConvTranspose2d(oc[0], oc[0], 4, 4),
+                                            nn.ConvTranspose2d(oc[1], oc[1], 2, 2),
                                             nn.Identity(), nn.Conv2d(oc[3], oc[3], 3, 2, 1)])
         scratch = nn.Module()
         for i, o in enumerate(oc):

@@ -14,6 +14,11 @@ whose maps equal controlnet-aux's.
     python benchmarks/bench_preprocess.py --paired --only lineart_anime,mlsd        # both sides in one process
     python benchmarks/bench_preprocess.py --only mediapipe_face --images 1 --rounds 1   # needs mediapipe 0.10.9
 
+Depth Anything (controlnet-aux has none) runs against the authors' code, which the other WebUI ControlNet
+extension runs, given a checkout of github.com/DepthAnything/Depth-Anything-V2 (benchmarks/_depth_anything_peer.py):
+
+    python benchmarks/bench_preprocess.py --depth-anything /path/to/Depth-Anything-V2 --da-size vits --quick
+
 --paired times both sides in one process per map, image by image in alternation, so a slow spell of a shared
 machine falls on both sides alike; it reports time ratios only (one process holds both networks, so its peak
 memory belongs to neither).
@@ -58,6 +63,7 @@ NEURAL_ALL = {**NEURAL, **HEAVY}
 # only with --only (an optional package): mediapipe's face mesh needs no weight file on either side
 OPTIONAL = {"mediapipe_face": ("mediapipe_face", "MediapipeFaceDetector", {})}
 SIDES = ("ours", "aux", "ours-float32", "ours-batch")
+DA_SIDES = ("da-ours", "da-reference", "da-ours-float32")
 PAIRED = "paired"
 
 
@@ -164,8 +170,13 @@ def child(args) -> None:
     from lib_controlnet.settings import update_settings
 
     update_settings(annotator_models_path=Path(args.weights),
-                    annotator_precision="float32" if args.side == "ours-float32" else "auto")
+                    annotator_precision="float32" if args.side.endswith("ours-float32") else "auto")
     images = _photos(args.images, args.size)
+    if args.side in DA_SIDES:
+        import _depth_anything_peer
+
+        print("RESULT " + json.dumps(_depth_anything_peer.child(args, images, _time, _reset_peak, _peak_mb)))
+        return
     names = args.names.split(",")
     result = {}
     if args.side == PAIRED:
@@ -200,6 +211,8 @@ def _run_side(side: str, weights: Path, names, args) -> dict:
     command = [sys.executable, "-W", "ignore", __file__, "--child", side, "--weights", str(weights),
                "--names", ",".join(names), "--images", str(args.images), "--reps", str(args.reps),
                "--size", str(args.size)]
+    if args.depth_anything:
+        command += ["--depth-anything", args.depth_anything, "--da-size", args.da_size]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
@@ -218,6 +231,34 @@ def _print_paired(times: dict, names, rounds: int, args) -> None:
         print(f"{name:<22}{ours:>12.4f}{aux:>12.4f}{aux / ours:>7.2f}x   >= {target}x")
 
 
+def _main_depth_anything(args, rounds: int) -> None:
+    import lib_controlnet  # noqa: F401
+    import _depth_anything_peer as peer
+    from annotators.runtime import low_precision_dtype
+
+    sides = ["da-ours", "da-reference"] + (["da-ours-float32"] if low_precision_dtype() is not None else [])
+    best: dict[str, dict] = {side: {} for side in sides}
+    with tempfile.TemporaryDirectory() as tmp:
+        peer.write_weights(Path(tmp), args.da_size)
+        for _ in range(rounds):
+            for name in peer.NAMES:
+                for side in sides:  # one process per map and side: each peak is its own
+                    for key, value in _run_side(side, Path(tmp), [name], args).items():
+                        best[side][key] = min(best[side].get(key, value), value)
+    print(f"\nDepth Anything ({args.da_size}, random weights) at {args.size} px, {args.images} photos, best of "
+          f"{rounds} round(s) x {args.reps} rep(s); peer: the authors' code (Depth-Anything-V2), default precision "
+          f"here: {'bfloat16' if 'da-ours-float32' in sides else 'float32'}")
+    print(f"{'map':<22}{'ours s/map':>12}{'peer s/map':>12}{'ratio':>8}   peak MB ours / peer (ratio)")
+    for name in peer.NAMES:
+        for label, side in (("", "da-ours"), ("  float32", "da-ours-float32")):
+            if side not in best:
+                continue
+            ours, theirs = best[side][name], best["da-reference"][name]
+            peaks = best[side][name + " peak_mb"], best["da-reference"][name + " peak_mb"]
+            print(f"{(label or name):<22}{ours:>12.4f}{theirs:>12.4f}{theirs / ours:>7.2f}x   "
+                  f"{peaks[0]:6.0f} / {peaks[1]:.0f} ({peaks[0] / peaks[1]:.2f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -229,7 +270,13 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated maps to time (any of the above), e.g. depth_zoe")
     parser.add_argument("--paired", action="store_true",
                         help="both sides in one process per map, image by image in alternation (time ratios only)")
-    parser.add_argument("--child", choices=SIDES + (PAIRED,), help=argparse.SUPPRESS)
+    parser.add_argument("--depth-anything", metavar="REPO",
+                        help="time depth_anything and depth_anything_v2 against the authors' code in this "
+                             "Depth-Anything-V2 checkout (only these maps)")
+    parser.add_argument("--da-size", choices=("vits", "vitb", "vitl"), default="vits",
+                        help="Depth Anything encoder for --depth-anything (vitl: 1.3 GB of weights, ~10 s a map "
+                             "on two cores)")
+    parser.add_argument("--child", choices=SIDES + (PAIRED,) + DA_SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
     parser.add_argument("--names", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -240,6 +287,8 @@ def main() -> None:
         child(args)
         return
     rounds = args.rounds or (1 if args.quick else 2)
+    if args.depth_anything:
+        return _main_depth_anything(args, rounds)
     neural = (QUICK_NEURAL if args.quick else list(NEURAL)) + (list(HEAVY) if args.heavy else [])
     names = list(MODEL_FREE) + neural
     if args.only:

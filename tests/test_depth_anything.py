@@ -45,7 +45,8 @@ def test_sizes_have_the_released_parameter_counts():
                                          features=features, out_channels=channels), 2)
         state = model.state_dict()
         assert round(sum(v.numel() for v in state.values()) / 1e6, 1) == millions
-        assert "pretrained.blocks.11.attn.qkv.weight" in state and "depth_head.scratch.refinenet4.out_conv.bias" in state
+        assert "pretrained.blocks.11.attn.qkv.weight" in state
+        assert "depth_head.scratch.refinenet4.out_conv.bias" in state
 
 
 @pytest.mark.parametrize("version,name,filename,hw", [

@@ -66,7 +66,8 @@ def test_a_space_file_lands_where_the_other_extension_keeps_it(hub, online, monk
     assert download.file_url("LiheYoung/Depth-Anything", "checkpoints/depth_anything_vitl14.pth", "space") == \
         f"{url}/ok/spaces/LiheYoung/Depth-Anything/resolve/main/checkpoints/depth_anything_vitl14.pth"
     path = weights.find_weight("depth_anything_vitl14.pth", "depth_anything")
-    assert path == online / "depth_anything" / "depth_anything_vitl14.pth" and path.read_bytes() == (served / "depth_anything_vitl14.pth").read_bytes()
+    assert path == online / "depth_anything" / "depth_anything_vitl14.pth"
+    assert path.read_bytes() == (served / "depth_anything_vitl14.pth").read_bytes()
 
 
 def test_a_wrong_hash_is_rejected_and_nothing_is_kept(hub, online, monkeypatch):

@@ -97,8 +97,8 @@ def register(subparsers) -> None:
     parser.add_argument("--annotator-dir", default=None, help="folder holding annotator weight files")
     add_download_flag(parser)
     parser.add_argument("--precision", choices=ANNOTATOR_PRECISIONS, default="auto",
-                        help="preprocessor networks: auto (bfloat16 on CPUs with AMX), float32 (exactly "
-                             "controlnet-aux's maps) or bfloat16")
+                        help="preprocessor networks: auto (bfloat16 where this CPU runs it faster: AMX, or "
+                             "avx512_bf16 measured so), float32 (exactly controlnet-aux's maps) or bfloat16")
     parser.add_argument("input", nargs="?", help="input image file")
     parser.add_argument("output", nargs="?", help="output map file (.png)")
     parser.set_defaults(func=lambda args: _list() if args.list else _detect(args))

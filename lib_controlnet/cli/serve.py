@@ -19,7 +19,8 @@ def register(subparsers) -> None:
     parser.add_argument("--annotator-dir", type=Path, default=None, help="folder holding preprocessor weights")
     parser.add_argument("--unit-count", type=int, default=None, help="number of ControlNet units in the panel")
     parser.add_argument("--annotator-precision", choices=ANNOTATOR_PRECISIONS, default="auto",
-                        help="preprocessor networks: auto (bfloat16 on CPUs with AMX), float32 or bfloat16")
+                        help="preprocessor networks: auto (bfloat16 where this CPU runs it faster: AMX, or "
+                             "avx512_bf16 measured so), float32 or bfloat16")
     from lib_controlnet.cli.detect import add_download_flag
 
     add_download_flag(parser)
