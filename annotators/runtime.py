@@ -77,6 +77,7 @@ def bfloat16_instructions() -> bool:
             return False
 
 
+PROBE_VERSION = 2  # part of the cache key: a changed probe measures again
 # bfloat16 must be at least this much faster in the probe to be picked: below it the maps' rounding buys too little
 MEASURED_GAIN = 1.15
 
@@ -145,7 +146,7 @@ def choose_auto_precision(amx: bool, bf16: bool, measure: Callable[[], float]) -
 
 
 def _measured_gain_cache():
-    """The probe's result is kept per machine (CPU, torch, thread count) in the user's cache folder: every
+    """The probe's result is kept per machine (CPU, torch) in the user's cache folder: every
     process then makes the same choice, and a map does not change with how busy the CPU was at start-up."""
     import json
     import os
@@ -155,8 +156,7 @@ def _measured_gain_cache():
     import torch
 
     folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "controlnet-studio"
-    key = f"{platform.processor() or platform.machine()}|{_cpu_name()}|torch {torch.__version__}|" \
-          f"{torch.get_num_threads()} threads"
+    key = f"probe {PROBE_VERSION}|{platform.machine()}|{_cpu_name()}|torch {torch.__version__}"
     path = folder / "bfloat16_gain.json"
 
     def measure() -> float:

@@ -51,8 +51,7 @@ def test_sizes_have_the_released_parameter_counts():
 
 @pytest.mark.parametrize("version,name,filename,hw", [
     (1, "depth_anything", "depth_anything_vits14.pth", SIZES[0]),
-    (2, "depth_anything_v2", "depth_anything_v2_vits.pth", SIZES[0]),
-    (2, "depth_anything_v2", "depth_anything_v2_vits.pth", SIZES[1]),
+    (2, "depth_anything_v2", "depth_anything_v2_vits.pth", SIZES[1]),  # v2 on the wide image: below
 ])
 def test_maps_equal_the_authors_code(folder, tiny_state, version, name, filename, hw):
     import torch
@@ -68,7 +67,7 @@ def test_maps_equal_the_authors_code(folder, tiny_state, version, name, filename
 
 def test_v2_safetensors_in_the_other_extensions_folder_and_lowest_size_last(folder, tiny_state):
     """annotator/downloads/depth_anything_v2/depth_anything_v2_vitl.safetensors as that extension stores it;
-    a ViT-L file wins over a ViT-S one in the same folder."""
+    a ViT-L file wins over a ViT-S one in the same folder; the map equals the authors' code's."""
     import torch
     from safetensors.torch import save_file
 
@@ -77,7 +76,8 @@ def test_v2_safetensors_in_the_other_extensions_folder_and_lowest_size_last(fold
     torch.save({k: v * 0 for k, v in tiny_state.items()}, folder / "depth_anything_v2_vits.pth")  # a flat map
     reference = np.load(FIXTURES / "depth_anything_reference.npz")["v2_128x192"]
     ours = preprocess.run("depth_anything_v2", image(128, 192), resolution=128, use_cache=False)
-    assert np.abs(ours[..., 0].astype(int) - reference).max() <= 1
+    diff = np.abs(ours[..., 0].astype(int) - reference)
+    assert diff.max() <= 1 and diff.mean() < 0.01
 
 
 def test_missing_weights_name_the_file_the_folder_and_the_alternatives(folder):

@@ -36,6 +36,13 @@ def webui(tmp_path_factory):
     root = tmp_path_factory.mktemp("webui")
     os.environ["CNET_STANDIN_ROOT"] = str(root)
     sys.path.insert(0, str(STANDIN))
+    import dataclasses
+
+    from annotators import weights
+    from lib_controlnet.settings import get_settings, update_settings
+
+    # the WebUI's settings (downloads on by default among them) stay with these tests, not the ones after
+    saved_settings, saved_surface = dataclasses.asdict(get_settings()), weights._surface
     try:
         from control_fixtures import diffusers_pair, ldm_unet_like
         from modules import paths, script_callbacks, scripts, shared
@@ -69,6 +76,8 @@ def webui(tmp_path_factory):
         yield dict(root=root, script_class=classes[0], unet=shared.sd_model.model.diffusion_model)
     finally:
         sys.path.remove(str(STANDIN))
+        update_settings(**saved_settings)
+        weights.use_surface(saved_surface)
 
 
 @pytest.fixture(scope="module")
