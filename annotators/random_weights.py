@@ -158,6 +158,22 @@ def depth_anything(size: str = "vits", seed: int = 0) -> dict:
     return out
 
 
+def dsine(tiny: bool = False) -> dict:
+    """DSINE as released ({"model": state}); tiny: an EfficientNet-B0 encoder with a 64-wide head (tests)."""
+    import torch
+
+    from annotators.dsine import DSINE
+
+    model = DSINE("tf_efficientnet_b0", 64, 112, 40) if tiny else DSINE()
+    state = model.state_dict()
+    for key, value in state.items():
+        if key.endswith("running_mean"):
+            state[key] = 0.1 * torch.randn_like(value)
+        elif key.endswith("running_var"):
+            state[key] = 0.5 + torch.rand_like(value)
+    return {"model": state}
+
+
 BUILDERS: dict[str, Callable[[], dict]] = {
     "ControlNetHED.pth": _hed,
     "table5_pidinet.pth": _pidinet,
@@ -180,6 +196,7 @@ BUILDERS: dict[str, Callable[[], dict]] = {
 }
 # the small Depth Anything files users have (the large ones: depth_anything(size="vitl"), 1.3 GB)
 BUILDERS.update({"depth_anything_vits14.pth": depth_anything, "depth_anything_v2_vits.pth": depth_anything})
+BUILDERS["dsine.pt"] = dsine
 
 
 def write(directory: Path, names=None, seed: int = 0) -> list[Path]:

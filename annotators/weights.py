@@ -92,6 +92,7 @@ WEIGHTS: dict[str, WeightFile] = {w.filename: w for w in (
       for size, name in (("vitl", "Large"), ("vitb", "Base"), ("vits", "Small"))),
     *(WeightFile(f"depth_anything_v2_{size}.safetensors", "depth_anything_v2",
                  repo="MackinationsAi/Depth-Anything-V2_Safetensors") for size in ("vitl", "vitb", "vits")),
+    WeightFile("dsine.pt", "normal_dsine", repo="bdsqlsz/qinglong_controlnet-lllite", repo_path="Annotators/dsine.pt"),
 )}
 
 

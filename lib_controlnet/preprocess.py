@@ -129,6 +129,8 @@ REGISTRY: tuple[Preprocessor, ...] = (
     _p("normal_map", "normal_midas", "NormalMap", "annotators.normal:midas_normal", model_free=False, pad_multiple=32,
        threshold_a=Slider("Normal Background Threshold", 0.0, 1.0, 0.4, 0.01)),
     _p("normal_bae", "normal_bae", "NormalMap", "annotators.normal:bae", model_free=False, pad_multiple=32),
+    _p("normal_dsine", "normal_dsine", "NormalMap", "annotators.dsine:normal_dsine", model_free=False,
+       threshold_a=Slider("Fov", 0.0, 360.0, 60.0, 0.1), threshold_b=Slider("Iterations", 1, 20, 5, 1)),
     _p("openpose", "openpose", "OpenPose", "annotators.pose:openpose", model_free=False),
     _p("openpose_face", "openpose_face", "OpenPose", "annotators.pose:openpose_face", model_free=False),
     _p("openpose_faceonly", "openpose_faceonly", "OpenPose", "annotators.pose:openpose_faceonly", model_free=False),
