@@ -28,6 +28,10 @@ def register(subparsers) -> None:
     info.add_argument("folder", help="the dataset folder (a build's --out)")
     info.add_argument("--json", action="store_true", help="print the facts as JSON (default: off)")
     info.set_defaults(func=_info)
+
+    from lib_controlnet.cli.dataset_index import register as register_index
+
+    register_index(actions)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
 
 

@@ -187,12 +187,12 @@ def split_candidates(candidates: list[dict], policy: FetchPolicy):
     """-> (remote rows for img2dataset, local rows, refused failures). Scheme is checked here; private
     addresses are checked on connect by the guard, after DNS, redirects included."""
     from lib_controlnet.dataset.safety import check_scheme
-    from lib_controlnet.dataset.sources import hf_disk
+    from lib_controlnet.dataset.sources import LOCAL_FILE_SOURCES, hf_disk
 
     remote, local, refused = [], [], []
     for row in candidates:
         url = row["url"]
-        if url.startswith(hf_disk.PREFIX) or row["source"] == "local_folder":
+        if url.startswith(hf_disk.PREFIX) or row["source"] in LOCAL_FILE_SOURCES:
             local.append(row)
             continue
         reason = check_scheme(url, policy)

@@ -31,7 +31,7 @@ columns decode to PIL images without further configuration):
     url                 string    where the image came from (http(s) URL, or the local file path)
     similarity          float32   clip-retrieval similarity to the query, NaN for other sources
     width, height       int32     size of `image` in pixels
-    source              string    "knn", "url_list", "local_folder" or "hf_disk"
+    source              string    "knn", "local_index", "local_index_file", "url_list", "local_folder" or "hf_disk"
     key                 string    stable sample id, unique in the dataset; rows are sorted by it
 """
 from __future__ import annotations

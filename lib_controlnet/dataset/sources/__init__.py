@@ -8,7 +8,10 @@ from typing import Callable, Optional
 def collect(config, on_progress: Optional[Callable[[int, int], None]] = None) -> list[dict]:
     rows: list[dict] = []
     if config.knn_url and config.queries_given():
-        from lib_controlnet.dataset.sources.knn import retrieve
+        if is_remote(config.knn_url):
+            from lib_controlnet.dataset.sources.knn import retrieve
+        else:  # a local index folder (dataset index build), searched in this process
+            from lib_controlnet.dataset.sources.local_index import retrieve
 
         rows += retrieve(config, on_query=on_progress)
     if config.url_list:
@@ -33,6 +36,10 @@ def collect(config, on_progress: Optional[Callable[[int, int], None]] = None) ->
     if config.max_samples:
         merged = merged[: config.max_samples]
     return merged
+
+
+# Sources whose urls are paths of files on this machine (download reads them, img2dataset never sees them).
+LOCAL_FILE_SOURCES = ("local_folder", "local_index_file")
 
 
 def is_remote(url: str) -> bool:

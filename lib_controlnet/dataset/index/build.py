@@ -1,0 +1,184 @@
+"""`dataset index build`: images (a folder, or a URL list through the img2dataset stage) or precomputed
+embeddings -> an index folder in clip-retrieval's layout:
+
+    INDEX/image.index  image.json   faiss index of the image embeddings (autofaiss) and autofaiss' report
+    INDEX/text.index   text.json    the same for the captions, when the images have any
+    INDEX/metadata/metadata_NNNNN.parquet   row i = vector i (image_path or url, caption, ...)
+    INDEX/embeddings/{img_emb,text_emb}/    the vectors the indexes were built from (for rebuilds)
+    INDEX/index_info.json                   the CLIP model that made the vectors; written last
+
+Each step resumes: embedding shards are kept (embed.py), an index file is built under a temporary name and
+renamed when whole, the download stage keeps its finished shards. Run the same command again after a kill.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Optional
+
+from lib_controlnet.dataset.files import atomic_write_json
+from lib_controlnet.errors import UserError
+
+INFO_FILE = "index_info.json"
+FORMAT = "controlnet-studio-clip-index/1"
+
+
+class IndexBuildError(UserError):
+    """The index cannot be built from what was given."""
+
+
+@dataclasses.dataclass
+class IndexBuildConfig:
+    out_dir: str
+    image_dir: Optional[str] = None
+    url_list: Optional[str] = None
+    url_col: str = "url"
+    caption_col: str = "caption"
+    embeddings_dir: Optional[str] = None
+    clip_model: Optional[str] = None
+    clip_weights: Optional[str] = None
+    index_key: Optional[str] = None  # None: autofaiss picks one that fits max_index_memory and tunes it
+    index_param: Optional[str] = None
+    max_index_memory: str = "4G"
+    current_memory: str = "16G"
+    nb_cores: Optional[int] = None
+    shard_size: int = 10000
+    batch_size: int = 32
+    allow_private_urls: bool = False
+    download_size: int = 256  # pixels the URL-list images are downloaded at; CLIP looks at 224-336
+
+    def source_count(self) -> int:
+        return sum(bool(v) for v in (self.image_dir, self.url_list, self.embeddings_dir))
+
+
+def _autofaiss(emb_folder: Path, index_path: Path, infos_path: Path, config: IndexBuildConfig) -> None:
+    from autofaiss import build_index
+
+    partial = index_path.with_name("." + index_path.name + ".partial")
+    partial.unlink(missing_ok=True)
+    index, _ = build_index(
+        embeddings=str(emb_folder), index_path=str(partial), index_infos_path=str(infos_path),
+        index_key=config.index_key, index_param=config.index_param,
+        max_index_memory_usage=config.max_index_memory, current_memory_available=config.current_memory,
+        nb_cores=config.nb_cores or os.cpu_count(), metric_type="ip", verbose=logging.WARNING,
+    )
+    if index is None or not partial.exists():  # autofaiss logs its reason and returns None
+        raise IndexBuildError(
+            f"autofaiss could not build {index_path.name} within max_index_memory {config.max_index_memory} and "
+            f"current_memory {config.current_memory}; raise --current-memory or lower --max-index-memory.")
+    os.replace(partial, index_path)
+
+
+def _count_vectors(folder: Path) -> int:
+    import numpy as np
+
+    return sum(int(np.load(p, mmap_mode="r").shape[0]) for p in sorted(folder.glob("*.npy")))
+
+
+def _check_precomputed(root: Path) -> tuple[Path, Optional[Path], Path]:
+    """-> (img_emb, text_emb or None, metadata); each npy shard must pair with a parquet of as many rows."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    img, text, meta = root / "img_emb", root / "text_emb", root / "metadata"
+    npys, parquets = sorted(img.glob("*.npy")), sorted(meta.glob("*.parquet"))
+    if not npys or not parquets:
+        raise IndexBuildError(f"{root} needs img_emb/*.npy beside metadata/*.parquet (clip-retrieval's layout).")
+    if len(npys) != len(parquets):
+        raise IndexBuildError(f"{root} holds {len(npys)} img_emb shards but {len(parquets)} metadata shards.")
+    for npy, parquet in zip(npys, parquets):
+        try:
+            rows = pq.ParquetFile(parquet).metadata.num_rows
+        except Exception:  # pyarrow's own types; one sentence is what the user needs
+            raise IndexBuildError(f"Metadata file {parquet} is not a readable parquet file.") from None
+        vectors = np.load(npy, mmap_mode="r").shape[0]
+        if rows != vectors:
+            raise IndexBuildError(f"{npy.name} holds {vectors} vectors but {parquet.name} {rows} rows.")
+    has_text = text.is_dir() and len(sorted(text.glob("*.npy"))) == len(npys)
+    return img, text if has_text else None, meta
+
+
+def _clip_dim(config: IndexBuildConfig) -> Optional[int]:
+    if not config.clip_model and not config.clip_weights:
+        return None
+    from lib_controlnet.dataset.index.clip_model import load_encoder
+
+    return load_encoder(config.clip_model, config.clip_weights).dim
+
+
+def _download(config: IndexBuildConfig, work: Path, say, cancel):
+    from lib_controlnet.dataset.config import BuildConfig
+    from lib_controlnet.dataset.download import run_download
+    from lib_controlnet.dataset.sources import collect
+
+    dataset_config = BuildConfig(out_dir=str(work), url_list=config.url_list, url_col=config.url_col,
+                                 caption_col=config.caption_col, image_size=config.download_size,
+                                 resize_mode="keep_ratio", allow_private_urls=config.allow_private_urls,
+                                 samples_per_shard=max(2, config.shard_size)).validated()
+    candidates = collect(dataset_config)
+    if not candidates:
+        raise IndexBuildError(f"URL list {config.url_list} holds no usable URLs.")
+    say(f"downloading {len(candidates)} images")
+    run_download(dataset_config, candidates, work, lambda done, total: None, cancel=cancel)
+
+
+def build_local_index(config: IndexBuildConfig, say: Callable[[str], None] = print, cancel=None) -> dict:
+    """Build (or resume) the index; returns what index_info.json holds."""
+    from lib_controlnet.dataset.index import embed
+
+    if config.source_count() != 1:
+        raise IndexBuildError("Give exactly one source: --image-dir, --url-list or --embeddings.")
+    out = Path(config.out_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if config.embeddings_dir:
+        img_emb, text_emb, meta_src = _check_precomputed(Path(config.embeddings_dir).expanduser().resolve())
+        vectors = _count_vectors(img_emb)
+        import numpy as np
+
+        dim = int(np.load(sorted(img_emb.glob("*.npy"))[0], mmap_mode="r").shape[1])
+        clip_dim = _clip_dim(config)
+        if clip_dim is not None and clip_dim != dim:
+            raise IndexBuildError(f"CLIP model {config.clip_model} makes {clip_dim}-d vectors but the embeddings are {dim}-d.")
+        if not (out / "metadata").is_dir():  # copied whole under a temporary name, like clip-retrieval's index
+            tmp = out / ".metadata.partial"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(meta_src, tmp)
+            os.replace(tmp, out / "metadata")
+        embedded, skipped = vectors, 0
+    else:
+        from lib_controlnet.dataset.index.clip_model import load_encoder
+
+        encoder = load_encoder(config.clip_model, config.clip_weights)
+        if config.image_dir:
+            items = embed.folder_items(Path(config.image_dir).expanduser())
+        else:
+            work = out / "download_work"
+            _download(config, work, say, cancel)
+            items = embed.downloaded_items(work)
+        with_text = any(item["meta"].get("caption") for item in items)
+        say(f"embedding {len(items)} images with {config.clip_model}")
+        counts = embed.write_shards(items, out / "embeddings", out / "metadata", encoder, with_text,
+                                    config.shard_size, config.batch_size, cancel=cancel)
+        img_emb = out / "embeddings" / "img_emb"
+        text_emb = out / "embeddings" / "text_emb" if with_text else None
+        embedded, skipped, dim = counts["embedded"], counts["skipped"], encoder.dim
+        if embedded == 0:
+            raise IndexBuildError("None of the images could be read; nothing to index.")
+    for name, folder in (("image", img_emb), ("text", text_emb)):
+        if folder is None or (out / f"{name}.index").exists():
+            continue
+        say(f"building {name}.index from {embedded} vectors")
+        _autofaiss(folder, out / f"{name}.index", out / f"{name}.json", config)
+    model = config.clip_model
+    if model and model.endswith(".json"):  # a config file: found again from wherever the index is queried
+        model = str(Path(model).expanduser().resolve())
+    info = {"format": FORMAT, "clip_model": model,
+            "clip_weights": str(Path(config.clip_weights).expanduser().resolve()) if config.clip_weights else None,
+            "dim": dim, "count": embedded, "skipped_images": skipped, "index_key": config.index_key,
+            "index_param": config.index_param, "text_index": text_emb is not None}
+    atomic_write_json(out / INFO_FILE, info)
+    say(f"index ready: {out} ({embedded} vectors of {dim} dims, {skipped} images left out)")
+    return info
