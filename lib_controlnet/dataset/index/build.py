@@ -13,6 +13,7 @@ renamed when whole, the download stage keeps its finished shards. Run the same c
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -40,7 +41,9 @@ class IndexBuildConfig:
     embeddings_dir: Optional[str] = None
     clip_model: Optional[str] = None
     clip_weights: Optional[str] = None
-    index_key: Optional[str] = None  # None: autofaiss picks one that fits max_index_memory and tunes it
+    # None: autofaiss picks a key that fits max_index_memory and tunes its search parameters (clip-retrieval's
+    # way); a key: faiss builds exactly that index (_faiss_direct)
+    index_key: Optional[str] = None
     index_param: Optional[str] = None
     max_index_memory: str = "4G"
     current_memory: str = "16G"
@@ -70,6 +73,53 @@ def _autofaiss(emb_folder: Path, index_path: Path, infos_path: Path, config: Ind
             f"autofaiss could not build {index_path.name} within max_index_memory {config.max_index_memory} and "
             f"current_memory {config.current_memory}; raise --current-memory or lower --max-index-memory.")
     os.replace(partial, index_path)
+
+
+def _faiss_direct(emb_folder: Path, index_path: Path, infos_path: Path, config: IndexBuildConfig) -> None:
+    """The index key the user chose, built with faiss itself: autofaiss takes only IVF-Flat and PQ keys for
+    inner-product search (it refuses e.g. IVF-SQ8). Vectors stream from the memory-mapped shards, so the
+    build holds the index, a training sample and one chunk; the finished index must fit max_index_memory."""
+    import faiss
+    import numpy as np
+    from autofaiss.utils.cast import cast_memory_to_bytes
+
+    arrays = [np.load(p, mmap_mode="r") for p in sorted(emb_folder.glob("*.npy"))]  # text order, as autofaiss'
+    total, dim = sum(len(a) for a in arrays), int(arrays[0].shape[1])
+    try:
+        index = faiss.index_factory(dim, config.index_key, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError:
+        raise IndexBuildError(f"faiss does not understand the index key '{config.index_key}'.") from None
+    try:
+        nlist = faiss.extract_index_ivf(index).nlist
+    except RuntimeError:  # not an IVF index
+        nlist = 0
+    need = total * index.sa_code_size() + nlist * dim * 4
+    if need > cast_memory_to_bytes(config.max_index_memory):
+        raise IndexBuildError(f"Index {config.index_key} over {total} vectors needs about {need / 2**30:.2f} GiB, "
+                              f"more than --max-index-memory {config.max_index_memory}; choose a smaller code.")
+    if config.nb_cores:
+        faiss.omp_set_num_threads(config.nb_cores)
+    if not index.is_trained:
+        # k-means looks at 256 points per centroid at most (faiss' own cap); the rest only slows training
+        count = min(total, max(256 * nlist, 10_000) if nlist else 100_000)
+        picks = np.sort(np.random.default_rng(0).choice(total, count, replace=False))
+        starts = np.cumsum([0] + [len(a) for a in arrays])
+        sample = np.concatenate([arrays[i][picks[(picks >= starts[i]) & (picks < starts[i + 1])] - starts[i]]
+                                 for i in range(len(arrays))]).astype("float32")
+        index.train(sample)
+        del sample
+    for array in arrays:
+        for start in range(0, len(array), 65536):
+            index.add(np.ascontiguousarray(array[start:start + 65536], dtype="float32"))
+    if config.index_param:
+        faiss.ParameterSpace().set_index_parameters(index, config.index_param)
+    partial = index_path.with_name("." + index_path.name + ".partial")
+    faiss.write_index(index, str(partial))
+    atomic_write_json(infos_path, {"index_key": config.index_key, "index_param": config.index_param,
+                                   "nb_vectors": total, "size_in_bytes": partial.stat().st_size, "built_with": "faiss"})
+    os.replace(partial, index_path)
+    infos = json.loads(infos_path.read_text("utf-8")) if infos_path.is_file() else {}
+    atomic_write_json(infos_path, {**infos, "index_path": str(index_path)})  # autofaiss wrote the partial name
 
 
 def _count_vectors(folder: Path) -> int:
@@ -171,14 +221,17 @@ def build_local_index(config: IndexBuildConfig, say: Callable[[str], None] = pri
         if folder is None or (out / f"{name}.index").exists():
             continue
         say(f"building {name}.index from {embedded} vectors")
-        _autofaiss(folder, out / f"{name}.index", out / f"{name}.json", config)
+        build = _faiss_direct if config.index_key else _autofaiss
+        build(folder, out / f"{name}.index", out / f"{name}.json", config)
     model = config.clip_model
     if model and model.endswith(".json"):  # a config file: found again from wherever the index is queried
         model = str(Path(model).expanduser().resolve())
     info = {"format": FORMAT, "clip_model": model,
             "clip_weights": str(Path(config.clip_weights).expanduser().resolve()) if config.clip_weights else None,
             "dim": dim, "count": embedded, "skipped_images": skipped, "index_key": config.index_key,
-            "index_param": config.index_param, "text_index": text_emb is not None}
+            "index_param": config.index_param, "text_index": text_emb is not None,
+            # precomputed vectors stay where they are; search re-ranks with them while they are there
+            "embeddings_dir": str(Path(config.embeddings_dir).expanduser().resolve()) if config.embeddings_dir else None}
     atomic_write_json(out / INFO_FILE, info)
     say(f"index ready: {out} ({embedded} vectors of {dim} dims, {skipped} images left out)")
     return info

@@ -20,6 +20,7 @@ import numpy as np
 from lib_controlnet.errors import UserError
 
 DEDUP_THRESHOLD = 0.94
+RERANK_FACTOR = 4  # candidates fetched from the compressed index per result wanted, when exact vectors exist
 INDEX_FILES = {"image": "image.index", "text": "text.index"}
 
 
@@ -69,9 +70,36 @@ class LocalIndex:
 
                 faiss.ParameterSpace().set_index_parameters(index, self.info["index_param"])
         self.dim = next(iter(self.indexes.values())).d
+        self.vectors = {m: self._exact_vectors(m, index.ntotal) for m, index in self.indexes.items()}
         self._tables: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
         self._encoder = None
+
+    def _exact_vectors(self, modality: str, total: int):
+        """The vectors the index was built from, memory-mapped, when they are still where the build left them:
+        results are then re-ranked by exact similarity, which the compressed codes only approximate."""
+        sub = "img_emb" if modality == "image" else "text_emb"
+        roots = [self.folder / "embeddings"] + ([Path(self.info["embeddings_dir"])] if self.info.get("embeddings_dir") else [])
+        for root in roots:
+            files = sorted((root / sub).glob("*.npy"))  # text order: the order the index was built in
+            if not files:
+                continue
+            arrays = [np.load(f, mmap_mode="r") for f in files]
+            if sum(len(a) for a in arrays) == total and arrays[0].shape[1] == self.dim:
+                return arrays, np.cumsum([0] + [len(a) for a in arrays])
+        return None
+
+    def exact(self, modality: str, ids: np.ndarray) -> Optional[np.ndarray]:
+        stored = self.vectors.get(modality)
+        if stored is None:
+            return None
+        arrays, offsets = stored
+        out = np.empty((len(ids), self.dim), "float32")
+        files = np.searchsorted(offsets, ids, side="right") - 1
+        for f in np.unique(files):
+            picks = np.nonzero(files == f)[0]
+            out[picks] = arrays[f][ids[picks] - offsets[f]]
+        return out
 
     @property
     def name(self) -> str:
@@ -127,20 +155,28 @@ class LocalIndex:
         index = self.indexes[modality]
         k = int(max(num_images, num_result_ids or num_images))
         embeddings = None
-        if deduplicate:
+        if self.vectors.get(modality) is not None:
+            distances, ids = index.search(vector, k * RERANK_FACTOR)
+            ids = ids[0][ids[0] >= 0]
+            embeddings = self.exact(modality, ids)
+            scores = embeddings @ vector[0]
+            order = np.argsort(-scores, kind="stable")[:k]
+            ids, distances, embeddings = ids[order], scores[order], embeddings[order]
+        elif deduplicate:
             try:
                 distances, ids, embeddings = index.search_and_reconstruct(vector, k)
-                embeddings = embeddings[0]
-            except RuntimeError:  # an index type that cannot reconstruct: no dedup, as the back would fail
+                keep = ids[0] >= 0
+                ids, distances, embeddings = ids[0][keep], distances[0][keep], embeddings[0][keep]
+            except RuntimeError:  # an index type that cannot reconstruct: no dedup
                 distances, ids = index.search(vector, k)
         else:
             distances, ids = index.search(vector, k)
-        keep = ids[0] >= 0
-        ids, distances = ids[0][keep], distances[0][keep]
-        order = list(range(len(ids)))
-        if embeddings is not None and len(order) > 1:
-            order = _unique(embeddings[keep])
-        ids, distances = ids[order], distances[order]
+        if ids.ndim == 2:
+            keep = ids[0] >= 0
+            ids, distances = ids[0][keep], distances[0][keep]
+        if deduplicate and embeddings is not None and len(ids) > 1:
+            order = _unique(embeddings)
+            ids, distances = ids[order], distances[order]
         metas = self.metadata(ids, columns)
         results = []
         for rid, distance, meta in zip(ids, distances, metas):
