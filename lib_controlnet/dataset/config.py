@@ -40,7 +40,8 @@ class BuildConfig:
 
     # -- sources (any combination; results are merged and deduplicated by url) --
     knn_url: Optional[str] = _option(
-        None, "clip-retrieval backend to query, e.g. http://host:1234 (the /knn-service route is added)")
+        None, "clip-retrieval backend to query, e.g. http://host:1234 (the /knn-service route is added), or a local "
+              "index folder made by `dataset index build`")
     prompts: list = _list("text query for the knn backend; repeat for several")
     example_images: list = _list("image (local path or http(s) URL) to find similar images to; repeat for several")
     template: Optional[str] = _option(

@@ -95,8 +95,10 @@ def build_dataset_tab(runner: BackgroundBuild | None = None):
     with gr.Column(elem_id="controlnet_dataset"):
         c["out_dir"] = gr.Textbox(label="Output folder", placeholder="/path/to/my-dataset", elem_id="cnds_out_dir")
         with gr.Accordion("Sources (any combination; merged, duplicates removed)", open=True):
-            with gr.Tab("Retrieval (clip-retrieval backend)"):
-                c["knn_url"] = gr.Textbox(label="knn backend URL", placeholder="http://host:1234 (clip-retrieval back)")
+            with gr.Tab("Retrieval (clip-retrieval backend or local index)"):
+                c["knn_url"] = gr.Textbox(label="knn backend URL or local index folder",
+                                          placeholder="http://host:1234 (clip-retrieval back) or /path/to/index "
+                                                      "(python -m lib_controlnet dataset index build)")
                 c["prompts"] = gr.Textbox(label="Prompts, one per line", lines=3)
                 with gr.Row():
                     c["template"] = gr.Textbox(label="Prompt template", placeholder="{style} {room}, interior design")
