@@ -100,8 +100,8 @@ def _faiss_direct(emb_folder: Path, index_path: Path, infos_path: Path, config: 
     if config.nb_cores:
         faiss.omp_set_num_threads(config.nb_cores)
     if not index.is_trained:
-        # k-means looks at 256 points per centroid at most (faiss' own cap); the rest only slows training
-        count = min(total, max(256 * nlist, 10_000) if nlist else 100_000)
+        # 100 points per centroid, autofaiss' choice (faiss wants 39 to 256); more only slows training
+        count = min(total, max(100 * nlist, 10_000) if nlist else 100_000)
         picks = np.sort(np.random.default_rng(0).choice(total, count, replace=False))
         starts = np.cumsum([0] + [len(a) for a in arrays])
         sample = np.concatenate([arrays[i][picks[(picks >= starts[i]) & (picks < starts[i + 1])] - starts[i]]
