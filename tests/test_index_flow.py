@@ -1,7 +1,8 @@
-"""A local CLIP index driven as a user drives it: a folder of images -> `dataset index build` -> `dataset index
-query` -> `dataset build --knn-url INDEX` (download, conditioning maps, parquet dataset), all offline with a tiny
-open_clip model (random weights, written as a config .json + weights file); then `dataset index serve`
-answering exactly what clip-retrieval's ClipClient sends; then bad input, one sentence each."""
+"""A local CLIP index driven as a user drives it (the CLI's entry point; `serve` in its own process): a folder of
+images -> `dataset index build` -> `dataset index query` -> `dataset build --knn-url INDEX` (download,
+conditioning maps, parquet dataset), all offline with a tiny open_clip model (random weights, written as a
+config .json + weights file); then `dataset index serve` answering exactly what clip-retrieval's ClipClient
+sends; then bad input, one sentence each."""
 from __future__ import annotations
 
 import base64
@@ -18,12 +19,6 @@ from tiny_clip import write_tiny_clip
 
 ROOT = Path(__file__).resolve().parent.parent
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
-
-
-def cli(*args, timeout=240):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "lib_controlnet", *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +39,11 @@ def built(tmp_path_factory):
     (images / "broken.jpg").write_bytes(b"not an image")  # left out of the index, counted
     config, weights = write_tiny_clip(root / "model")
     index = root / "index"
-    done = cli("dataset", "index", "build", "--out", index, "--image-dir", images, "--clip-model", config,
-               "--clip-weights", weights, "--shard-size", 8, "--max-index-memory", "100M", "--current-memory", "1G")
-    assert done.returncode == 0, done.stderr[-2000:]
+    from lib_controlnet.cli import main  # `python -m lib_controlnet`'s entry point, in this process
+
+    assert main([str(a) for a in ("dataset", "index", "build", "--out", index, "--image-dir", images, "--clip-model",
+                                  config, "--clip-weights", weights, "--shard-size", 8, "--max-index-memory", "100M",
+                                  "--current-memory", "1G")]) == 0
     return {"root": root, "images": images, "index": index, "config": config, "weights": weights}
 
 

@@ -48,7 +48,9 @@ class LocalIndex:
         self.folder = Path(folder).expanduser().resolve()
         present = {m: self.folder / f for m, f in INDEX_FILES.items() if (self.folder / f).is_file()}
         self.metadata_files = sorted((self.folder / "metadata").glob("*.parquet"))  # text order, as the back's
-        if not self.folder.is_dir() or not present or not self.metadata_files:
+        if not self.folder.is_dir():
+            raise LocalIndexError(f"{folder} is neither a knn backend URL (http:// or https://) nor an index folder.")
+        if not present or not self.metadata_files:
             raise LocalIndexError(f"{self.folder} is not a CLIP index folder (it needs image.index or text.index "
                                   "and metadata/*.parquet); build one with `python -m lib_controlnet dataset index build`.")
         info_path = self.folder / "index_info.json"
