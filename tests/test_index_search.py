@@ -53,10 +53,16 @@ def test_compressed_index_recall_at_10(tmp_path):
     assert recall >= 0.95
 
 
-def test_dedup_and_metadata_filters(tmp_path):
-    """Near-duplicate vectors collapse to the best one; punsafe / NSFW / aesthetic columns filter when present."""
+def test_dedup_filters_and_remote_results(tmp_path):
+    """Near-duplicate vectors collapse to the best one; punsafe / NSFW / aesthetic columns filter when present;
+    results whose metadata holds http(s) urls (a LAION slice) go to the download stage as remote candidates."""
+    from lib_controlnet.dataset.config import BuildConfig
+    from lib_controlnet.dataset.download import split_candidates
     from lib_controlnet.dataset.index.build import IndexBuildConfig, build_local_index
     from lib_controlnet.dataset.index.search import LocalIndex
+    from lib_controlnet.dataset.safety import policy_for
+    from lib_controlnet.dataset.sources import collect
+    from tiny_clip import write_tiny_clip
 
     rng = np.random.default_rng(3)
     base = rng.standard_normal((6, 16)).astype("float32")
@@ -70,8 +76,10 @@ def test_dedup_and_metadata_filters(tmp_path):
                              "NSFW": ["UNLIKELY", "NSFW", "UNLIKELY", "UNSURE", "UNLIKELY", "UNLIKELY", "", ""],
                              "aesthetic": [6.0, 6.0, 4.0, 6.5, 5.5, 7.0, 6.0, 6.0]}),
                    tmp_path / "emb" / "metadata" / "metadata_0.parquet")
+    config, weights = write_tiny_clip(tmp_path / "model", embed_dim=16)  # the model the vectors "came from"
     build_local_index(IndexBuildConfig(out_dir=str(tmp_path / "index"), embeddings_dir=str(tmp_path / "emb"),
-                                       index_key="Flat"), say=lambda line: None)
+                                       clip_model=str(config), clip_weights=str(weights), index_key="Flat"),
+                      say=lambda line: None)
     index = LocalIndex(tmp_path / "index")
     query = (vectors[0] + vectors[1]) / 2
     everything = {r["id"] for r in index.search(query, num_images=8, deduplicate=False)}
@@ -84,32 +92,10 @@ def test_dedup_and_metadata_filters(tmp_path):
     pretty = {r["id"] for r in index.search(query, num_images=8, deduplicate=False, aesthetic_score=6)}
     assert pretty == {0, 1, 3, 5, 6, 7}
 
-
-def test_build_from_a_url_list_goes_through_the_download_stage(tmp_path):
-    """A URL list (csv: url, caption) -> img2dataset on a loopback host -> vectors; results keep their urls and
-    go back to the download stage as remote candidates."""
-    from servers import serve
-
-    from lib_controlnet.dataset.config import BuildConfig
-    from lib_controlnet.dataset.download import split_candidates
-    from lib_controlnet.dataset.index.build import IndexBuildConfig, build_local_index
-    from lib_controlnet.dataset.safety import policy_for
-    from lib_controlnet.dataset.sources import collect
-    from tiny_clip import write_tiny_clip
-
-    config, weights = write_tiny_clip(tmp_path / "model")
-    with serve("image_host.py") as base:
-        urls = [f"{base}/good/{i}.jpg" for i in range(5)] + [f"{base}/missing.png"]
-        (tmp_path / "list.csv").write_text("url,caption\n" + "".join(f"{u},photo {i}\n" for i, u in enumerate(urls)))
-        info = build_local_index(IndexBuildConfig(
-            out_dir=str(tmp_path / "index"), url_list=str(tmp_path / "list.csv"), clip_model=str(config),
-            clip_weights=str(weights), index_key="Flat", allow_private_urls=True), say=lambda line: None)
-    assert info["count"] == 5 and info["text_index"]
-    meta = pq.read_table(tmp_path / "index" / "metadata" / "metadata_00000.parquet").to_pylist()
-    assert sorted(m["url"] for m in meta) == sorted(urls[:5])
-    build = BuildConfig(out_dir=str(tmp_path / "ds"), knn_url=str(tmp_path / "index"), prompts=["photo 3"],
-                        num_images=3, deduplicate=False, allow_private_urls=True)
+    build = BuildConfig(out_dir=str(tmp_path / "ds"), knn_url=str(tmp_path / "index"), prompts=["a photo"],
+                        num_images=3, deduplicate=False, use_safety_model=False)
     rows = collect(build)
     assert len(rows) == 3 and {r["source"] for r in rows} == {"local_index"}
+    assert all(r["url"].startswith("https://example.com/") for r in rows)
     remote, local, refused = split_candidates(rows, policy_for(build))
     assert len(remote) == 3 and not local and not refused
