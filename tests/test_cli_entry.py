@@ -14,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 # The commands whose flags come from a config dataclass (issue 17 item 8), and their siblings in the same files.
 DOCUMENTED = [("train",), ("export",), ("dataset",), ("dataset", "build"), ("dataset", "info")]
+DOCUMENTED += [("dataset", "index", "build"), ("dataset", "index", "query"), ("dataset", "index", "serve")]
 
 
 def subparser(path: tuple[str, ...]) -> argparse.ArgumentParser:

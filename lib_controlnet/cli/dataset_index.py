@@ -9,17 +9,17 @@ def register(actions) -> None:
     sub = parser.add_subparsers(dest="index_command", metavar="ACTION")
 
     build = sub.add_parser("build", help="build (or resume) an index from images, a URL list or embeddings")
-    build.add_argument("--out", required=True, help="the index folder (written to, and resumed from)")
+    build.add_argument("--out", required=True, help="the index folder, written to and resumed from (default: none, required)")
     source = build.add_mutually_exclusive_group(required=True)
-    source.add_argument("--image-dir", help="folder of images; <stem>.txt beside an image is its caption")
-    source.add_argument("--url-list", help="parquet/csv/jsonl of image URLs (and captions), downloaded by img2dataset")
+    source.add_argument("--image-dir", help="folder of images; <stem>.txt beside an image is its caption (default: none; one source is required)")
+    source.add_argument("--url-list", help="parquet/csv/jsonl of image URLs (and captions), downloaded by img2dataset (default: none)")
     source.add_argument("--embeddings", dest="embeddings_dir",
-                        help="folder with img_emb/*.npy (+ text_emb/*.npy) and metadata/*.parquet, e.g. a LAION slice")
+                        help="folder with img_emb/*.npy (+ text_emb/*.npy) and metadata/*.parquet, e.g. a LAION slice (default: none)")
     build.add_argument("--url-col", default="url", help="URL column of the URL list (default: url)")
     build.add_argument("--caption-col", default="caption", help="caption column of the URL list (default: caption)")
     build.add_argument("--clip-model", help="open_clip model name (ViT-B-32, ViT-L-14, ViT-H-14) or a model-config "
-                                            ".json; needed to embed images and to query by text or image")
-    build.add_argument("--clip-weights", help="local weights file of that model (.safetensors, .pt, .bin)")
+                                            ".json; needed to embed images and to query by text or image (default: none)")
+    build.add_argument("--clip-weights", help="local weights file of that model: .safetensors, .pt, .bin (default: none)")
     build.add_argument("--index-key", help="faiss index factory key, e.g. IVF4096,PQ64 (default: autofaiss picks "
                                            "one that fits --max-index-memory and tunes its search parameters)")
     build.add_argument("--index-param", help="search parameters stored with the index, e.g. nprobe=64 "
@@ -35,8 +35,8 @@ def register(actions) -> None:
 
     query = sub.add_parser("query", help="search an index folder by text, image or both; prints the results")
     query.add_argument("index", help="the index folder")
-    query.add_argument("--text", action="append", default=[], help="text query; repeat for several")
-    query.add_argument("--image", action="append", default=[], help="example image file; repeat for several")
+    query.add_argument("--text", action="append", default=[], help="text query; repeat for several (default: none)")
+    query.add_argument("--image", action="append", default=[], help="example image file; repeat for several (default: none)")
     query.add_argument("--num", type=int, default=10, help="results per query (default: 10)")
     query.add_argument("--modality", choices=("image", "text"), default="image",
                        help="search the image or the caption index (default: image)")
