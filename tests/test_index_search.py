@@ -99,3 +99,23 @@ def test_dedup_filters_and_remote_results(tmp_path):
     assert all(r["url"].startswith("https://example.com/") for r in rows)
     remote, local, refused = split_candidates(rows, policy_for(build))
     assert len(remote) == 3 and not local and not refused
+
+
+def test_build_from_a_url_list_goes_through_the_download_stage(tmp_path):
+    """A URL list (csv: url, caption) -> img2dataset on a loopback host -> vectors with their urls; a URL that
+    fails to download is counted as left out."""
+    from servers import serve
+
+    from lib_controlnet.dataset.index.build import IndexBuildConfig, build_local_index
+    from tiny_clip import write_tiny_clip
+
+    config, weights = write_tiny_clip(tmp_path / "model")
+    with serve("image_host.py") as base:
+        urls = [f"{base}/good/{i}.jpg" for i in range(5)] + [f"{base}/missing.png"]
+        (tmp_path / "list.csv").write_text("url,caption\n" + "".join(f"{u},photo {i}\n" for i, u in enumerate(urls)))
+        info = build_local_index(IndexBuildConfig(
+            out_dir=str(tmp_path / "index"), url_list=str(tmp_path / "list.csv"), clip_model=str(config),
+            clip_weights=str(weights), index_key="Flat", allow_private_urls=True), say=lambda line: None)
+    assert info["count"] == 5 and info["skipped_images"] == 1 and info["text_index"]
+    meta = pq.read_table(tmp_path / "index" / "metadata" / "metadata_00000.parquet").to_pylist()
+    assert sorted(m["url"] for m in meta) == sorted(urls[:5])

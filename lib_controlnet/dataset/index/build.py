@@ -173,6 +173,7 @@ def _download(config: IndexBuildConfig, work: Path, say, cancel):
         raise IndexBuildError(f"URL list {config.url_list} holds no usable URLs.")
     say(f"downloading {len(candidates)} images")
     run_download(dataset_config, candidates, work, lambda done, total: None, cancel=cancel)
+    return len(candidates)
 
 
 def build_local_index(config: IndexBuildConfig, say: Callable[[str], None] = print, cancel=None) -> dict:
@@ -202,19 +203,21 @@ def build_local_index(config: IndexBuildConfig, say: Callable[[str], None] = pri
         from lib_controlnet.dataset.index.clip_model import load_encoder
 
         encoder = load_encoder(config.clip_model, config.clip_weights)
+        not_downloaded = 0
         if config.image_dir:
             items = embed.folder_items(Path(config.image_dir).expanduser())
         else:
-            work = out / "download_work"
-            _download(config, work, say, cancel)
+            work = out / "download_work"  # img2dataset's shards and log: a rerun resumes from them
+            asked = _download(config, work, say, cancel)
             items = embed.downloaded_items(work)
+            not_downloaded = asked - len(items)  # why each failed: download_work/download/img2dataset.log
         with_text = any(item["meta"].get("caption") for item in items)
         say(f"embedding {len(items)} images with {config.clip_model}")
         counts = embed.write_shards(items, out / "embeddings", out / "metadata", encoder, with_text,
                                     config.shard_size, config.batch_size, cancel=cancel)
         img_emb = out / "embeddings" / "img_emb"
         text_emb = out / "embeddings" / "text_emb" if with_text else None
-        embedded, skipped, dim = counts["embedded"], counts["skipped"], encoder.dim
+        embedded, skipped, dim = counts["embedded"], counts["skipped"] + not_downloaded, encoder.dim
         if embedded == 0:
             raise IndexBuildError("None of the images could be read; nothing to index.")
     for name, folder in (("image", img_emb), ("text", text_emb)):
