@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 import shutil
 from pathlib import Path
 
@@ -181,7 +182,8 @@ def test_dataset_build_from_a_local_folder_writes_the_dataset(page, tmp_path):
     out = tmp_path / "dataset"
     _open_tab(page, "Dataset")
     _fill(page, "cnds_out_dir", out)
-    page.locator("#controlnet_dataset button", has_text="Local").first.click()
+    # the exact tab name: "Retrieval (... or local index)" contains "local" too
+    page.locator("#controlnet_dataset button", has_text=re.compile(r"^\s*Local\s*$")).first.click()
     _fill(page, "cnds_image_dir", tmp_path / "photos")
     page.locator("#controlnet_dataset .label-wrap", has_text="Options").first.click()
     _fill(page, "cnds_image_size", 64)
