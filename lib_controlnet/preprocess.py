@@ -199,6 +199,9 @@ REGISTRY: tuple[Preprocessor, ...] = (
     # picks the encoder / face pipeline from the chosen adapter's variant and widths, read from its keys
     _p("ip-adapter-auto", "ip-adapter-auto", "IP-Adapter", "annotators.clip_vision:preview", resolution=None,
        model_free=False, image_encoder="auto"),
+    # T2I-Adapter style model: CLIP ViT-L/14's last hidden states of the reference image (lib_controlnet.style_attention)
+    _p("t2ia_style_clipvision", "t2ia_style_clipvision", "T2I-Adapter", "annotators.clip_vision:preview",
+       resolution=None, model_free=False, image_encoder="clip_vitl"),
     _p("inpaint_only+lama", "inpaint_only+lama", "Inpaint", "annotators.lama:inpaint_lama", resolution=None,
        model_free=False),
 )

@@ -210,9 +210,10 @@ def test_damaged_and_style_files_get_one_sentence(files, tmp_path):
         load_control_model(tmp_path / "partial.safetensors")
     save_file({"style_embedding": torch.zeros(1, 8, 32), "ln_post.weight": torch.zeros(32)},
               str(tmp_path / "t2iadapter_style_sd14v1.safetensors"))
+    # a style file runs (tests/test_t2i_style.py); one without its transformer is named, in one sentence
     message = str(pytest.raises(ModelFileError, load_control_model, tmp_path / "t2iadapter_style_sd14v1.safetensors")
                   .value)
-    assert "T2I-Adapter style model" in message and "\n" not in message
+    assert "T2I-Adapter style model" in message and "do not fit together" in message and "\n" not in message
 
 
 def test_kinds_not_run_yet_and_unknown_files_get_one_sentence(tmp_path):

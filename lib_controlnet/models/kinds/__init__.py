@@ -22,12 +22,14 @@ from lib_controlnet.models.kinds.lllite import LLLITE
 from lib_controlnet.models.kinds.base import REFERENCE
 from lib_controlnet.models.kinds.reference import REFERENCE_KIND
 from lib_controlnet.models.kinds.t2i_adapter import T2I_ADAPTER
+from lib_controlnet.models.kinds.t2i_style import T2I_STYLE
 from lib_controlnet.models.kinds.union import UNION
 
 # Most specific first: a union file also holds ControlNet keys, a Control-LoRA file ControlNet-like ones, an
 # IP-Adapter FaceID file LoRA keys (`*_lora.up.weight`) inside its ip_adapter group.
 KINDS: tuple[Kind, ...] = (UNION, IP_ADAPTER, CONTROL_LORA, LLLITE, T2I_ADAPTER, CONTROLNET)
 KINDS += (REFERENCE_KIND,)  # recognises no file: reference units are chosen by their preprocessor
+KINDS += (T2I_STYLE,)  # `style_embedding`: TencentARC's style model, tokens joining cross-attention
 
 __all__ = ["KINDS", "Kind", "RESIDUALS", "ENCODER_FEATURES", "ATTENTION", "FileKeys", "file_keys", "kind_of_keys",
            "kind_of_file", "kind_of_model", "load_control_model", "other_kind_of_keys", "AttentionCall",

@@ -5,8 +5,8 @@ Files come in two layouts, both loaded into diffusers' `T2IAdapter`:
   folder with config.json), as TencentARC publishes its SDXL adapters;
 - TencentARC's original `t2iadapter_*_sd14v1.pth` layout: full `conv_in.weight` + a flat `body.{k}` list of
   resnet blocks (k = level * blocks_per_level + j, `in_conv` where the channel count changes); light
-  `body.{level}.in_conv` / `body.{level}.body.{j}` / `body.{level}.out_conv`; style `style_embedding` + a
-  transformer (recognised, not run yet: it needs a CLIP vision encoder).
+  `body.{level}.in_conv` / `body.{level}.body.{j}` / `body.{level}.out_conv`. The style model
+  (`style_embedding` + a transformer) is a kind of its own: kinds/t2i_style.py.
 A full adapter is for SDXL when its pixel-unshuffled input has 256 or 768 channels (1 or 3 colour channels at
 downscale 16), as other loaders decide.
 """
@@ -31,8 +31,6 @@ def _layout(keys: FileKeys) -> str | None:
         return "diffusers folder"
     if keys.has("adapter.body.0.resnets.0.block1.weight") or keys.has("adapter.conv_in.weight"):
         return "diffusers"
-    if keys.has("style_embedding"):
-        return "style"
     if keys.has("body.0.in_conv.weight") and keys.has("body.0.out_conv.weight"):
         return "light"
     if keys.has("conv_in.weight") and keys.any_startswith("body.0.block1."):
@@ -45,7 +43,7 @@ def _levels(indices) -> int:
 
 
 def diffusers_config(keys: FileKeys) -> dict:
-    """The T2IAdapter config that fits a file's keys and shapes (any layout but folders and style)."""
+    """The T2IAdapter config that fits a file's keys and shapes (any layout but folders)."""
     layout, shapes = _layout(keys), keys.shapes
     if layout == "diffusers":
         if "adapter.body.0.out_conv.weight" in shapes:  # light
@@ -140,9 +138,6 @@ class T2IAdapterKind(Kind):
 
     def load(self, path: Path, keys: FileKeys, dtype=None, device="cpu"):
         path = Path(path)
-        if _layout(keys) == "style":
-            raise ModelFileError(f"{path.name} is a T2I-Adapter style model, which this version cannot run yet "
-                                 "(it needs a CLIP vision encoder); use a ControlNet or another T2I-Adapter.")
         if keys.folder_config is not None:
             config = dict(keys.folder_config)
         else:
@@ -158,10 +153,6 @@ class T2IAdapterKind(Kind):
 
     def n_outputs(self, model) -> int:
         return len(model.adapter.body)  # one feature map per adapter block
-
-    def panel_types(self, keys: FileKeys) -> tuple[str, ...] | None:
-        # a style adapter takes a reference image, not a map: only its own type, whatever its name says
-        return ("T2I-Adapter",) if _layout(keys) == "style" else None
 
     def owns(self, model) -> bool:
         from diffusers import T2IAdapter
