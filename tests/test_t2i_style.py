@@ -167,3 +167,42 @@ def test_wrong_preprocessor_base_and_damaged_file_are_one_sentence(setup, tmp_pa
     torch.save({k: v for k, v in setup["state"].items() if k != "ln_post.bias"}, tmp_path / "broken.pth")
     message = str(pytest.raises(ModelFileError, load_control_model, tmp_path / "broken.pth").value)
     assert "T2I-Adapter style model" in message and "ln_post.bias" in message and "\n" not in message
+
+
+def test_cli_generate_equals_the_pipeline_on_the_longer_context(setup, tmp_path):
+    """A user's run: `generate --unit module=t2ia_style_clipvision,model=<file>,image=<png>` against diffusers'
+    StableDiffusionPipeline given the context written out: [prompt, weight * style tokens] and [negative prompt,
+    its last tokens again]."""
+    from diffusers import StableDiffusionPipeline
+    from PIL import Image
+
+    from lib_controlnet import tiny_models
+    from lib_controlnet.cli import main
+
+    tiny_models.save_tiny_diffusers_base(tmp_path / "base")
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "base", safety_checker=None,
+                                                   requires_safety_checker=False, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    state = _style_state(pipe.unet.config.cross_attention_dim, seed=4)
+    torch.save(state, tmp_path / "t2iadapter_style_sd14v1.pth")
+    Image.fromarray(_image(3)).save(tmp_path / "style.png")
+    out = tmp_path / "out"
+    unit_text = (f"module=t2ia_style_clipvision,model={tmp_path / 't2iadapter_style_sd14v1.pth'},"
+                 f"image={tmp_path / 'style.png'},weight=0.8")
+    assert main(["generate", "--base", str(tmp_path / "base"), "--prompt", "a red house", "--negative-prompt",
+                 "blurry", "--unit", unit_text, "--steps", "2", "--size", "64x64", "--seed", "7", "--out", str(out),
+                 "--annotator-dir", str(setup["path"].parent)]) == 0
+    ours = np.asarray(Image.open(out / "image-0.png")).astype(int)
+
+    positive, negative = pipe.encode_prompt("a red house", "cpu", 1, True, "blurry")
+    tokens = _expected_tokens(state, _image(3))
+
+    def reference(style):
+        return np.asarray(pipe(prompt_embeds=torch.cat([positive, style], dim=1),
+                               negative_prompt_embeds=torch.cat([negative, negative[:, -TOKENS:]], dim=1),
+                               num_inference_steps=2, width=64, height=64, guidance_scale=7.5,
+                               generator=torch.Generator().manual_seed(7)).images[0]).astype(int)
+
+    assert np.abs(ours - reference(0.8 * tokens)).max() <= 1
+    assert np.abs(ours - reference(positive[:, -TOKENS:])).max() > 8  # the style shows in the image
+    assert "t2ia_style_clipvision" in (out / "infotext.txt").read_text()
