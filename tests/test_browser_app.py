@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 import shutil
 from pathlib import Path
@@ -197,6 +198,69 @@ def test_dataset_build_from_a_local_folder_writes_the_dataset(page, tmp_path):
     assert table.num_rows == 3 and {"image", "conditioning_image", "text"} <= set(table.column_names)
     assert (out / "manifest.json").is_file() and (out / "README.md").is_file()
     page.wait_for_function("document.querySelectorAll('#cnds_gallery img').length >= 6")  # 3 (image, map) pairs
+
+
+def test_dataset_build_from_a_local_clip_index_writes_the_dataset(page, tmp_path):
+    """Issue 23's tab-driven build, offline: a folder of captioned images -> `dataset index build` (the CLI, as a
+    user runs it before opening the tab) -> in the Dataset tab the retrieval source given the index folder and a
+    prompt -> Build: query, read the files, canny maps, parquet dataset."""
+    import pyarrow.parquet as pq
+    from PIL import ImageDraw
+
+    from lib_controlnet.cli import main  # `python -m lib_controlnet`'s entry point, in this process
+    from tiny_clip import write_tiny_clip
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    colours = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+    captions = {}
+    for i, (ground, square) in enumerate([(g, s) for g in colours for s in colours if g != s]):
+        image = Image.new("RGB", (72, 64), colours[ground])
+        ImageDraw.Draw(image).rectangle([12 + i, 12, 44 + i, 44], fill=colours[square])
+        image.save(photos / f"{i:02d}.png")
+        captions[f"{i:02d}.png"] = f"a {square} square on {ground}"
+        (photos / f"{i:02d}.txt").write_text(captions[f"{i:02d}.png"], "utf-8")
+    config, weights = write_tiny_clip(tmp_path / "model")
+    index = tmp_path / "index"
+    assert main([str(a) for a in ("dataset", "index", "build", "--out", index, "--image-dir", photos,
+                                  "--clip-model", config, "--clip-weights", weights, "--max-index-memory", "100M",
+                                  "--current-memory", "1G")]) == 0
+
+    out = tmp_path / "dataset"
+    _open_tab(page, "Dataset")
+    _fill(page, "cnds_out_dir", out)
+    page.locator("#controlnet_dataset button", has_text="Retrieval").first.click()
+    _fill(page, "cnds_knn_url", index)
+    _fill(page, "cnds_prompts", "a red square on blue")
+    _fill(page, "cnds_num_images", 4)
+    page.locator("#cnds_deduplicate input").uncheck()  # random CLIP weights: near-duplicate vectors
+    page.locator("#controlnet_dataset button", has_text=re.compile(r"^\s*Local\s*$")).first.click()
+    _fill(page, "cnds_image_dir", "")  # the page is shared: an earlier test may have left a folder here
+    if not page.locator("#cnds_image_size").is_visible():
+        page.locator("#controlnet_dataset .label-wrap", has_text="Options").first.click()
+    _fill(page, "cnds_image_size", 64)
+    page.locator("#cnds_module input").fill("canny")
+    page.keyboard.press("Enter")
+    before = _text(page, "cnds_status")  # the page is shared: an earlier build's "done:" may still show
+    page.locator("#cnds_build").click()
+    page.wait_for_function("""before => {
+        const value = document.querySelector('#cnds_status textarea').value;
+        return value !== before && /(done|stopped|error):/.test(value);
+    }""", arg=before, timeout=120_000)
+    page.screenshot(path=str(ARTIFACTS / "browser-dataset-index-build.png"), full_page=True)
+    status = _text(page, "cnds_status")
+    assert "done: 4 samples written" in status, status
+    rows = pq.read_table(sorted((out / "data").glob("train-*.parquet"))).to_pylist()
+    assert len(rows) == 4
+    assert {r["source"] for r in rows} == {"local_index_file"}
+    assert all(Path(r["url"]).parent == photos and r["text"] == captions[Path(r["url"]).name] for r in rows)
+    assert all(r["image"]["bytes"] and r["conditioning_image"]["bytes"] for r in rows)
+    maps = [np.asarray(Image.open(io.BytesIO(r["conditioning_image"]["bytes"]))) for r in rows]
+    assert all(m.shape[:2] == (64, 64) and set(np.unique(m)) <= {0, 255} and m.max() == 255 for m in maps)  # canny
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["knn_url"] == str(index) and manifest["config"]["module"] == "canny"
+    assert manifest["counts"]["written"] == 4
+    page.wait_for_function("document.querySelectorAll('#cnds_gallery img').length >= 8")  # 4 (image, map) pairs
 
 
 def _start_training(page, dataset: Path, output_dir: Path, export_dir: Path, steps: int, name: str,
