@@ -2,21 +2,15 @@
 settings.model_cache_size."""
 from __future__ import annotations
 
-import collections
-import threading
 from pathlib import Path
 
 from lib_controlnet.models.controlnet_loader import parse_dtype
 from lib_controlnet.models.kinds import load_control_model
+from lib_controlnet.models.lru import ModelLru
 from lib_controlnet.models.registry import get_registry
-from lib_controlnet.settings import get_settings
 
 
-class ControlNetCache:
-    def __init__(self):
-        self._models: collections.OrderedDict = collections.OrderedDict()
-        self._lock = threading.RLock()
-
+class ControlNetCache(ModelLru):
     @staticmethod
     def _key(path: Path, dtype, device) -> tuple:
         stat = path.stat() if path.is_file() else (path / "config.json").stat()
@@ -25,25 +19,8 @@ class ControlNetCache:
 
     def get(self, path: Path, dtype=None, device="cpu"):
         dtype = parse_dtype(dtype)
-        key = self._key(path, dtype, device)
-        with self._lock:
-            if key in self._models:
-                self._models.move_to_end(key)
-                return self._models[key]
-            model = load_control_model(path, dtype=dtype, device=device)
-            size = max(0, int(get_settings().model_cache_size))
-            if size:
-                self._models[key] = model
-                while len(self._models) > size:
-                    self._models.popitem(last=False)
-            return model
-
-    def clear(self) -> None:
-        with self._lock:
-            self._models.clear()
-
-    def __len__(self) -> int:
-        return len(self._models)
+        return super().get(self._key(path, dtype, device),
+                           lambda: load_control_model(path, dtype=dtype, device=device))
 
 
 _cache = ControlNetCache()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 import math
 import re
-import threading
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from lib_controlnet.models.errors import ModelFileError
 from lib_controlnet.models.kinds import base_unet
 from lib_controlnet.models.kinds.base import RESIDUALS, FileKeys, Kind
 from lib_controlnet.models.loading import read_tensors
+from lib_controlnet.models.lru import ModelLru
 
 MARKER = "lora_controlnet"
 _LORA = re.compile(r"^(.+)\.(up|down)$")
@@ -86,34 +86,8 @@ def _split(name: str, tensors: dict) -> tuple[dict, dict]:
     return loras, full
 
 
-class _MergedCache:
-    """Merged ControlNets by (base fingerprint, file, dtype, device); as many as the model cache holds."""
-
-    def __init__(self):
-        self._models: collections.OrderedDict = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key, build):
-        from lib_controlnet.settings import get_settings
-
-        with self._lock:
-            if key in self._models:
-                self._models.move_to_end(key)
-                return self._models[key]
-            model = build()
-            size = max(0, int(get_settings().model_cache_size))
-            if size:
-                self._models[key] = model
-                while len(self._models) > size:
-                    self._models.popitem(last=False)
-            return model
-
-    def clear(self) -> None:
-        with self._lock:
-            self._models.clear()
-
-
-MERGED = _MergedCache()
+# merged ControlNets by (base fingerprint, file, dtype, device); as many as the model cache holds
+MERGED = ModelLru()
 
 
 def _wrong_base(weights: ControlLoraWeights, base_shapes: dict, detail: str) -> ModelFileError:
