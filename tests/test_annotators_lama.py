@@ -10,23 +10,10 @@ from annotators import lama_network, random_weights, runtime
 from lib_controlnet import preprocess
 from lib_controlnet.cli import main
 from lib_controlnet.errors import UserError
-from lib_controlnet.settings import get_settings, update_settings
 
 IMAGE = cv2.resize(skimage.data.coffee(), (150, 100), interpolation=cv2.INTER_AREA)
 MASK = np.zeros(IMAGE.shape[:2], np.uint8)
 MASK[30:70, 50:110] = 255
-
-
-@pytest.fixture()
-def annotator_dir(tmp_path):
-    saved = (get_settings().annotator_models_path, get_settings().allow_annotator_downloads)
-    update_settings(annotator_models_path=tmp_path, allow_annotator_downloads=False)
-    runtime.unload_all()
-    preprocess.clear_cache()
-    yield tmp_path
-    update_settings(annotator_models_path=saved[0], allow_annotator_downloads=saved[1])
-    runtime.unload_all()
-    preprocess.clear_cache()
 
 
 def test_registered_as_users_know_it():
