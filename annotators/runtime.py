@@ -256,7 +256,7 @@ def prepare(module, channels_last: bool = True):
     ones through NNPACK's Winograd kernels (fixed rules on the shapes); NHWC memory where the convolutions run
     faster with it. Every rewrite is deterministic: the same map comes out on every run.
 
-    No per-shape CPU kernel choice here (lib_controlnet.cpu_convolution): it is timed, so float rounding could
+    No per-shape CPU kernel choice here (lib_controlnet.cpu_kernels): it is timed, so float rounding could
     differ between runs, and a map (a dataset's above all) should come out the same every time; the gain on
     these networks was a few percent.
     """

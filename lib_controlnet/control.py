@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from lib_controlnet import control_union
 from lib_controlnet.control_forward import (adapter_features, added_embedding_input, controlnet_residuals,
                                             hint_embedding)
-from lib_controlnet.cpu_convolution import use_fastest_kernels
+from lib_controlnet import control_attention
+from lib_controlnet.cpu_kernels import use_fastest_kernels
 from lib_controlnet.control_units import (SOFT_WEIGHT_BASE, ControlError, ControlJob, PreparedUnit,  # noqa: F401
                                           prepare_units)
 from lib_controlnet.models.kinds import ENCODER_FEATURES, RESIDUALS
@@ -105,7 +106,7 @@ class Controller:
         self.job = job
         self.units = units if units is not None else prepare_units(job)
         for prepared in self.units:
-            use_fastest_kernels(prepared.model)
+            _for_sampling(prepared.model)
         control_union.check_units(self.units)
         self.step = 0
         self.total_steps = max(int(job.steps), 1)
@@ -286,7 +287,7 @@ class Controller:
             if model is not prepared.model:
                 prepared.model, prepared._kind = model, None
                 prepared._embeddings.clear()
-                use_fastest_kernels(model)
+                _for_sampling(model)
 
     def attach(self, modules_of, current) -> list:
         """Hook every ATTENTION unit's modules onto the UNet's layers (`modules_of()`: ldm name -> module);
@@ -342,6 +343,14 @@ class Controller:
             prepared._embeddings.clear()
             prepared._hints.clear()
             prepared._masks.clear()
+            control_attention.release(prepared.model)
+
+
+def _for_sampling(model) -> None:
+    """The faster CPU kernel per layer shape, and the text's attention keys kept across steps (both leave the
+    numbers as they were; both idempotent, so a model cached between jobs is prepared once)."""
+    use_fastest_kernels(model)
+    control_attention.keep_text_keys(model)
 
 
 def _select(rows: RowLayout, predicate) -> Union[slice, torch.Tensor, None]:

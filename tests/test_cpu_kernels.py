@@ -1,4 +1,4 @@
-"""The per-shape CPU kernel choice for ControlNet convolutions, and batch norms folded into annotator
+"""The per-shape CPU kernel choice for ControlNet convolutions and linear layers, and batch norms folded into annotator
 convolutions: the same numbers as the layers they replace, training and other layers untouched."""
 import copy
 
@@ -8,8 +8,8 @@ from torch import nn
 
 from annotators.batchnorm_folding import fold_batchnorms
 from annotators.runtime import prepare
-from lib_controlnet import cpu_convolution
-from lib_controlnet.cpu_convolution import FastestKernelConv2d, use_fastest_kernels
+from lib_controlnet import cpu_kernels
+from lib_controlnet.cpu_kernels import FastestKernelConv2d, FastestKernelLinear, use_fastest_kernels
 
 SHAPES = [  # (in, out, kernel, stride, dilation, side)
     (8, 16, 3, 1, 1, 20), (16, 16, 3, 2, 1, 17), (64, 64, 3, 1, 1, 4), (12, 12, 3, 1, 5, 16), (6, 10, 1, 1, 1, 9)]
@@ -17,9 +17,9 @@ SHAPES = [  # (in, out, kernel, stride, dilation, side)
 
 @pytest.fixture(autouse=True)
 def fresh_choices():
-    cpu_convolution.forget_choices()
+    cpu_kernels.forget_choices()
     yield
-    cpu_convolution.forget_choices()
+    cpu_kernels.forget_choices()
 
 
 def _conv(cin, cout, k, stride=1, dilation=1, groups=1):
@@ -38,10 +38,10 @@ def test_both_kernels_and_the_timed_choice_equal_the_plain_convolution(cin, cout
     with torch.inference_mode():
         expected = plain(x)
         torch.testing.assert_close(fast(x), expected, atol=1e-5, rtol=1e-5)  # first call: timed choice
-        (key, kernel), = cpu_convolution.chosen_kernels().items()
-        assert kernel in ("oneDNN", "GEMM") and key[0] == tuple(x.shape)
-        for onednn in (True, False):  # each kernel, whichever the timing picked
-            cpu_convolution._choices[key] = onednn
+        (key, kernel), = cpu_kernels.chosen_kernels().items()
+        assert kernel in ("oneDNN", "GEMM") and key[:2] == ("conv", tuple(x.shape))
+        for default in (True, False):  # each kernel, whichever the timing picked
+            cpu_kernels._choices[key] = default
             torch.testing.assert_close(fast(x), expected, atol=1e-5, rtol=1e-5)
 
 
@@ -54,7 +54,7 @@ def test_grouped_huge_and_padded_convolutions_keep_the_default_kernel():
         for plain, x in cases:
             fast = use_fastest_kernels(copy.deepcopy(plain))
             torch.testing.assert_close(fast(x), plain(x))
-    assert cpu_convolution.chosen_kernels() == {}
+    assert cpu_kernels.chosen_kernels() == {}
 
 
 def test_training_runs_the_default_path_and_gets_gradients():
@@ -62,7 +62,7 @@ def test_training_runs_the_default_path_and_gets_gradients():
     fast = use_fastest_kernels(copy.deepcopy(plain))
     x = torch.randn(1, 4, 10, 10, requires_grad=True)
     fast(x).sum().backward()
-    assert cpu_convolution.chosen_kernels() == {}
+    assert cpu_kernels.chosen_kernels() == {}
     plain_x = x.detach().clone().requires_grad_(True)
     plain(plain_x).sum().backward()
     torch.testing.assert_close(fast.weight.grad, plain.weight.grad)
@@ -73,6 +73,42 @@ def test_a_bad_input_raises_as_the_plain_convolution_does():
     fast = use_fastest_kernels(_conv(4, 8, 3))
     with torch.inference_mode(), pytest.raises(RuntimeError):
         fast(torch.randn(1, 5, 8, 8))  # wrong channel count
+
+
+LINEARS = [  # (input shape, in, out, bias)
+    ((6, 32), 32, 48, True), ((2, 77, 64), 64, 96, False), ((2, 50, 40), 40, 160, True)]
+
+
+@pytest.mark.parametrize("shape, cin, cout, bias", LINEARS)
+def test_linear_layers_run_either_kernel_with_the_plain_result_and_repeat_the_first_call(shape, cin, cout, bias):
+    torch.manual_seed(cin + cout)
+    plain = nn.Linear(cin, cout, bias=bias).eval()
+    fast = use_fastest_kernels(copy.deepcopy(plain))
+    assert type(fast) is FastestKernelLinear and fast.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(*shape)
+    with torch.inference_mode():
+        expected = plain(x)
+        first = fast(x)  # timed choice: must hand back what every later call returns
+        assert torch.equal(first, fast(x)), cpu_kernels.chosen_kernels()
+        torch.testing.assert_close(first, expected, atol=1e-5, rtol=1e-5)
+        (key, kernel), = cpu_kernels.chosen_kernels().items()
+        assert kernel in ("BLAS", "oneDNN") and key[:2] == ("linear", tuple(shape))
+        for default in (True, False):
+            cpu_kernels._choices[key] = default
+            torch.testing.assert_close(fast(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_linear_training_and_strided_inputs_keep_the_default_path():
+    plain = nn.Linear(8, 4)
+    fast = use_fastest_kernels(copy.deepcopy(plain))
+    x = torch.randn(3, 8, requires_grad=True)
+    fast(x).sum().backward()
+    plain(x.detach().requires_grad_(True)).sum().backward()
+    torch.testing.assert_close(fast.weight.grad, plain.weight.grad)
+    with torch.inference_mode():
+        strided = torch.randn(8, 3).t()
+        torch.testing.assert_close(fast(strided), plain(strided))
+    assert cpu_kernels.chosen_kernels() == {}
 
 
 def test_a_controlnet_runs_the_same_on_the_fastest_kernels():
@@ -90,7 +126,7 @@ def test_a_controlnet_runs_the_same_on_the_fastest_kernels():
             for a, b in zip([*got.down_block_res_samples, got.mid_block_res_sample],
                             [*expected.down_block_res_samples, expected.mid_block_res_sample]):
                 torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)  # float sums in another order
-    assert len(cpu_convolution.chosen_kernels()) > 3
+    assert len(cpu_kernels.chosen_kernels()) > 3
 
 
 def _conv_bn_net():
@@ -193,4 +229,4 @@ def test_the_first_call_of_a_shape_returns_what_later_calls_return(cin, cout, k,
     x = torch.randn(1, cin, side, side)
     with torch.inference_mode():
         first, again = fast(x), fast(x)
-    assert torch.equal(first, again), cpu_convolution.chosen_kernels()
+    assert torch.equal(first, again), cpu_kernels.chosen_kernels()
