@@ -9,7 +9,6 @@ WebUI runs it. Variants alternate, one run each per round, so a slow moment hits
 from __future__ import annotations
 
 import contextlib
-import copy
 
 import numpy as np
 import torch
@@ -105,8 +104,8 @@ def sampling_section(family: str):
         rounds = 1 if tiny else 3
         unet = models.unet(family, tiny, device, dtype)
         controlnets = [models.controlnet(family, tiny, device, dtype, seed=1 + i) for i in range(3)]
-        # on the CPU a job switches its models to other convolution kernels in place: the peer keeps its own
-        ours_controlnets = controlnets if cuda else [copy.deepcopy(m) for m in controlnets]
+        # a job switches its models' layer classes and attention processors in place: the peer keeps its own
+        ours_controlnets = [steps_mod.ours_copy(m) for m in controlnets]
         parts = models.pipeline_parts(family, tiny, unet, device, dtype)
         plain, single, multi = _pipelines(family, parts, controlnets)
         hint = (np.random.RandomState(0).rand(size, size, 3) > 0.9).astype(np.uint8) * 255

@@ -9,6 +9,7 @@ memory counter is reset at the first step's end and read at each later one, so i
 """
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from typing import Callable, Optional
@@ -42,6 +43,13 @@ class StepClock:
     @property
     def peak_gb(self) -> Optional[float]:
         return None if self.peak is None else self.peak / 2**30
+
+
+def ours_copy(model):
+    """The model for our side: a job switches its layers' classes and attention processors in place (never a
+    weight), while the peer must run the model as diffusers builds it. The copy shares the weights, so an
+    SDXL-size run holds one ControlNet, not two."""
+    return copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
 
 
 def median_step(times: list[float]) -> float:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import statistics
 
-from benchmarks import bench_hook
+from benchmarks import _pipeline_steps, bench_hook
 
 
 def run(args, components, controlnet, hint, hint_pil) -> None:
@@ -19,7 +19,7 @@ def run(args, components, controlnet, hint, hint_pil) -> None:
     extra = sum(p.numel() for n, p in union.named_parameters() if n.startswith((
         "task_embedding", "transformer_layes.", "spatial_ch_projs.", "control_add_embedding.")))
     print(f"union parts: {extra / 1e6:.2f}M params on top of the ControlNet's")
-    ours_controlnet = copy.deepcopy(controlnet)  # see time_ours: the pipeline keeps the untouched model
+    ours_controlnet = _pipeline_steps.ours_copy(controlnet)  # the pipeline keeps the untouched model
     results = {"pipe": [], "ours": [], "ours_controlnet": []}
     for _ in range(args.repeats):
         results["pipe"].append(bench_hook.time_pipeline(components, controlnet, hint_pil, args, guess_mode=False))

@@ -32,7 +32,6 @@ encoder are tiny (they are outside the per-step loop); the UNet and ControlNet h
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import statistics
 import sys
@@ -144,7 +143,7 @@ def adapter_main(args, components, controlnet, hint, hint_pil) -> None:
     torch.manual_seed(1)
     adapter = T2IAdapter(in_channels=3, channels=list(components["unet"].config.block_out_channels),
                          num_res_blocks=2, adapter_type="full_adapter").eval()
-    ours_adapter, ours_controlnet = copy.deepcopy(adapter), copy.deepcopy(controlnet)
+    ours_adapter, ours_controlnet = pipeline_steps.ours_copy(adapter), pipeline_steps.ours_copy(controlnet)
     results = {"pipe": [], "ours": [], "plain": [], "controlnet": []}
     for _ in range(args.repeats):
         results["pipe"].append(time_adapter_pipeline(components, adapter, hint_pil, args))
@@ -161,7 +160,7 @@ def adapter_main(args, components, controlnet, hint, hint_pil) -> None:
 
 
 def time_ours(components, controlnet, hint, args, mode: str, fields: dict | None = None) -> float:
-    """`controlnet` must be our own copy: a job switches its convolutions to the faster CPU kernel in place, and
+    """`controlnet` must be our own copy (pipeline_steps.ours_copy): a job switches its layers in place, and
     the peer must run the model as diffusers builds it."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -285,7 +284,7 @@ def main(argv=None) -> int:
         adapter_main(args, components, controlnet, hint, hint_pil)
         print(f"total {time.perf_counter() - started:.0f}s")
         return 0
-    ours_controlnet = copy.deepcopy(controlnet)  # see time_ours: the pipeline keeps the untouched model
+    ours_controlnet = pipeline_steps.ours_copy(controlnet)  # the pipeline keeps the untouched model
     overhead = hook_overhead(components, ours_controlnet, args)
     results = {"pipe": [], "ours": [], "pipe_guess": [], "ours_control": []}
     for _ in range(args.repeats):
