@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Callable, Optional
@@ -75,16 +76,75 @@ def _autofaiss(emb_folder: Path, index_path: Path, infos_path: Path, config: Ind
     os.replace(partial, index_path)
 
 
+def _memory_bytes(text: str, flag: str) -> float:
+    """'4G', '512M', '1.5GB' -> bytes (autofaiss' notation, which the default path hands it as it is)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([BKMGTP])B?\s*", text, re.IGNORECASE)
+    if not match:
+        raise IndexBuildError(f"{flag} {text!r} is not a memory size such as 4G or 512M.")
+    return float(match.group(1)) * 1024 ** "BKMGTP".index(match.group(2).upper())
+
+
+def _training_sample(paths: list, sizes: list, count: int):
+    """`count` vectors drawn at random (seeded) from all shards, in shard order, as one float32 array: a sample
+    of the whole collection, where autofaiss takes the first `count` (biased when the shards are sorted). The
+    memory maps close on return, so the pages they read leave the process' resident memory."""
+    import numpy as np
+
+    picks = np.sort(np.random.default_rng(0).choice(sum(sizes), count, replace=False))
+    sample, at, start = None, 0, 0
+    for path, size in zip(paths, sizes):
+        array = np.load(path, mmap_mode="r")
+        if sample is None:
+            sample = np.empty((count, array.shape[1]), dtype="float32")
+        rows = picks[(picks >= start) & (picks < start + size)] - start
+        sample[at:at + len(rows)] = array[rows]
+        at, start = at + len(rows), start + size
+        del array
+    return sample
+
+
+def _float32_chunks(path: Path, rows: int):
+    """A shard's vectors, `rows` at a time, read into one reused float32 buffer (valid until the next chunk):
+    pages read through a memory map would stay in the process' resident memory to the end of the build, which
+    for a 1M x 768 collection is 3 GiB on top of the index."""
+    import numpy as np
+
+    fmt = np.lib.format
+    with open(path, "rb") as handle:
+        version = fmt.read_magic(handle)
+        read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(handle)
+        if fortran_order:  # not what numpy or clip-retrieval write; read through a map, chunk by chunk
+            array = np.load(path, mmap_mode="r")
+            for start in range(0, len(array), rows):
+                yield np.ascontiguousarray(array[start:start + rows], dtype="float32")
+            return
+        raw = np.empty((min(rows, shape[0]), shape[1]), dtype=dtype)
+        out = raw if raw.dtype == np.dtype("float32") else np.empty(raw.shape, dtype="float32")  # e.g. float16
+        for start in range(0, shape[0], rows):
+            count = min(rows, shape[0] - start)
+            if handle.readinto(memoryview(raw[:count]).cast("B")) != raw[:count].nbytes:
+                raise IndexBuildError(f"{path} is shorter than its header says; the shard is truncated.")
+            if out is not raw:
+                out[:count] = raw[:count]
+            yield out[:count]
+
+
 def _faiss_direct(emb_folder: Path, index_path: Path, infos_path: Path, config: IndexBuildConfig) -> None:
     """The index key the user chose, built with faiss itself: autofaiss takes only IVF-Flat and PQ keys for
-    inner-product search (it refuses e.g. IVF-SQ8). Vectors stream from the memory-mapped shards, so the
-    build holds the index, a training sample and one chunk; the finished index must fit max_index_memory."""
+    inner-product search (it refuses e.g. IVF-SQ8). Vectors stream from the shards in chunks, so the
+    build holds the index, a training sample and one chunk; the finished index must fit max_index_memory.
+    The IVF indexes faiss makes from such keys get their coarse k-means and list assignment from ivf.py (the same
+    algorithm, numpy's faster matrix product); anything else is trained and filled by faiss alone."""
     import faiss
     import numpy as np
-    from autofaiss.utils.cast import cast_memory_to_bytes
 
-    arrays = [np.load(p, mmap_mode="r") for p in sorted(emb_folder.glob("*.npy"))]  # text order, as autofaiss'
-    total, dim = sum(len(a) for a in arrays), int(arrays[0].shape[1])
+    from lib_controlnet.dataset.index import ivf
+
+    paths = sorted(emb_folder.glob("*.npy"))  # text order, as autofaiss'
+    shapes = [np.load(p, mmap_mode="r").shape for p in paths]  # headers only
+    sizes, dim = [int(shape[0]) for shape in shapes], int(shapes[0][1])
+    total = sum(sizes)
     try:
         index = faiss.index_factory(dim, config.index_key, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError:
@@ -94,23 +154,30 @@ def _faiss_direct(emb_folder: Path, index_path: Path, infos_path: Path, config: 
     except RuntimeError:  # not an IVF index
         nlist = 0
     need = total * index.sa_code_size() + nlist * dim * 4
-    if need > cast_memory_to_bytes(config.max_index_memory):
+    if need > _memory_bytes(config.max_index_memory, "--max-index-memory"):
         raise IndexBuildError(f"Index {config.index_key} over {total} vectors needs about {need / 2**30:.2f} GiB, "
                               f"more than --max-index-memory {config.max_index_memory}; choose a smaller code.")
+    if nlist > total:
+        raise IndexBuildError(f"Index {config.index_key} has {nlist} lists but there are only {total} vectors; "
+                              f"choose fewer lists (IVF{max(1, total // 100)} or less).")
     if config.nb_cores:
         faiss.omp_set_num_threads(config.nb_cores)
-    if not index.is_trained:
-        # 100 points per centroid, autofaiss' choice (faiss wants 39 to 256); more only slows training
-        count = min(total, max(100 * nlist, 10_000) if nlist else 100_000)
-        picks = np.sort(np.random.default_rng(0).choice(total, count, replace=False))
-        starts = np.cumsum([0] + [len(a) for a in arrays])
-        sample = np.concatenate([arrays[i][picks[(picks >= starts[i]) & (picks < starts[i + 1])] - starts[i]]
-                                 for i in range(len(arrays))]).astype("float32")
-        index.train(sample)
-        del sample
-    for array in arrays:
-        for start in range(0, len(array), 65536):
-            index.add(np.ascontiguousarray(array[start:start + 65536], dtype="float32"))
+    fast = ivf.plain_ivf(index)
+    with ivf.blas_threads(config.nb_cores):
+        if not index.is_trained:
+            # 100 points per centroid, autofaiss' choice (faiss wants 39 to 256); more only slows training
+            sample = _training_sample(paths, sizes, min(total, max(100 * nlist, 10_000) if nlist else 100_000))
+            if fast is not None:
+                ivf.train_quantizer(fast, sample)
+            index.train(sample)  # with the quantizer filled, faiss trains only what follows it
+            del sample
+        centroids = fast.quantizer.reconstruct_n(0, nlist) if fast is not None else None
+        for path in paths:
+            for chunk in _float32_chunks(path, 65536):
+                if fast is not None:
+                    ivf.add_assigned(fast, chunk, centroids)
+                else:
+                    index.add(chunk)
     if config.index_param:
         faiss.ParameterSpace().set_index_parameters(index, config.index_param)
     partial = index_path.with_name("." + index_path.name + ".partial")
