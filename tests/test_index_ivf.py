@@ -99,3 +99,20 @@ def test_memory_sizes_read_as_autofaiss_reads_them():
     assert _memory_bytes("512M", "--max-index-memory") == 512 * 2**20
     with pytest.raises(IndexBuildError, match="--max-index-memory 'lots' is not a memory size"):
         _memory_bytes("lots", "--max-index-memory")
+
+
+def test_more_lists_than_vectors_is_one_sentence(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lib_controlnet.dataset.index.build import IndexBuildConfig, build_local_index
+
+    (tmp_path / "emb" / "img_emb").mkdir(parents=True)
+    (tmp_path / "emb" / "metadata").mkdir()
+    np.save(tmp_path / "emb" / "img_emb" / "img_emb_0.npy", _data(n=50))
+    pq.write_table(pa.table({"url": [f"https://example.com/{i}.jpg" for i in range(50)]}),
+                   tmp_path / "emb" / "metadata" / "metadata_0.parquet")
+    with pytest.raises(IndexBuildError, match="has 64 lists but there are only 50 vectors"):
+        build_local_index(IndexBuildConfig(out_dir=str(tmp_path / "index"), embeddings_dir=str(tmp_path / "emb"),
+                                           index_key=f"IVF{NLIST},Flat"), say=lambda line: None)
+    assert not (tmp_path / "index" / "image.index").exists()
