@@ -114,11 +114,15 @@ class FastestKernelLinear(nn.Linear):
 
     def forward(self, input):
         default = lambda: F.linear(input, self.weight, self.bias)  # noqa: E731
-        if not _inference(input, self.weight) or input.dim() < 2 or not input.is_contiguous():
+        if not _inference(input, self.weight) or input.dim() < 2:
             return default()
-        key = ("linear", tuple(input.shape), input.dtype, tuple(self.weight.shape), self.bias is not None,
-               torch.get_num_threads())
-        return _run_chosen(key, default, lambda: _onednn_linear(input, self.weight, self.bias, "none", [], ""),
+        # a strided input (e.g. a transformer's proj_in reading a permuted feature map): oneDNN gets a contiguous
+        # copy, as F.linear makes one inside; both paths are timed with their copies
+        contiguous = input.is_contiguous()
+        key = ("linear", tuple(input.shape), input.dtype, contiguous, tuple(self.weight.shape),
+               self.bias is not None, torch.get_num_threads())
+        return _run_chosen(key, default, lambda: _onednn_linear(input if contiguous else input.contiguous(),
+                                                                self.weight, self.bias, "none", [], ""),
                            _LINEAR_MARGIN)
 
 

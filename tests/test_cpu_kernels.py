@@ -98,17 +98,30 @@ def test_linear_layers_run_either_kernel_with_the_plain_result_and_repeat_the_fi
             torch.testing.assert_close(fast(x), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_linear_training_and_strided_inputs_keep_the_default_path():
+def test_linear_training_keeps_the_default_path():
     plain = nn.Linear(8, 4)
     fast = use_fastest_kernels(copy.deepcopy(plain))
     x = torch.randn(3, 8, requires_grad=True)
     fast(x).sum().backward()
     plain(x.detach().requires_grad_(True)).sum().backward()
     torch.testing.assert_close(fast.weight.grad, plain.weight.grad)
-    with torch.inference_mode():
-        strided = torch.randn(8, 3).t()
-        torch.testing.assert_close(fast(strided), plain(strided))
     assert cpu_kernels.chosen_kernels() == {}
+
+
+def test_a_strided_linear_input_runs_either_kernel_with_the_plain_result():
+    # a transformer's proj_in reads its feature map through a permuted view (B, H*W, C of a B, C, H, W tensor)
+    torch.manual_seed(4)
+    plain = nn.Linear(16, 24).eval()
+    fast = use_fastest_kernels(copy.deepcopy(plain))
+    strided = torch.randn(2, 16, 5, 5).permute(0, 2, 3, 1).reshape(2, 25, 16)
+    assert not strided.is_contiguous()
+    with torch.inference_mode():
+        expected = plain(strided)
+        assert torch.equal(fast(strided), fast(strided))
+        (key, _), = cpu_kernels.chosen_kernels().items()
+        for default in (True, False):
+            cpu_kernels._choices[key] = default
+            torch.testing.assert_close(fast(strided), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_a_controlnet_runs_the_same_on_the_fastest_kernels():
