@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from webui_standin.standalone_server import MODEL_STEM, make_assets, running_server
 
@@ -78,8 +79,17 @@ def test_upload_pick_canny_preview_shows_the_map(page, photo_file):
 
     page.set_input_files(f"{UNIT}_image input[type=file]", str(photo_file))
     page.wait_for_selector(f"{UNIT}_image canvas, {UNIT}_image img")
-    page.locator(f"{UNIT}_send_dimensions").click()  # the 128x128 photo's size goes to width and height
-    page.wait_for_function("document.querySelector('#txt2img_width input[type=number]').value === '128'")
+    # the 128x128 photo's size goes to width and height. On a loaded machine the sketch canvas can show before the
+    # browser has handed the upload to the component, and a click then sends no image: click again, as a user would.
+    for attempt in range(6):
+        page.locator(f"{UNIT}_send_dimensions").click()
+        try:
+            page.wait_for_function("document.querySelector('#txt2img_width input[type=number]').value === '128'",
+                                   timeout=10_000)
+            break
+        except PlaywrightTimeout:
+            if attempt == 5:
+                raise
     assert page.locator("#txt2img_height input[type=number]").input_value() == "128"
     page.locator(f"{UNIT}_control_type label", has_text="Canny").first.click()
     # choosing the control type picks its default preprocessor and model, and shows the module's sliders
