@@ -9,8 +9,9 @@ that is about 5 % of its time on the CPU, every step. Its processor also divides
 `keep_text_keys(model)` gives the model's plain attention layers (diffusers' `AttnProcessor2_0` with no norms,
 masks or rescaling: what SD1.5, SD2 and SDXL ControlNets have) a processor that computes exactly what diffusers'
 computes, without the division and with the text's keys and values remembered for the last few prompt
-embeddings (a WebUI job may alternate cond and uncond calls, or change prompt mid-job). A remembered text is
-compared by value on each call, so the keys in use always belong to the text given; a weight changed in place
+embeddings (a WebUI job may alternate cond and uncond calls, or change prompt mid-job). A text is compared by
+value with the remembered ones once per forward (the layers after the first see the same tensor, unchanged: its
+version counter has not moved), so the keys in use always belong to the text given; a weight changed in place
 (its version counter moves) or moved to another device drops them. Anything else (training, masks, other
 layouts) runs diffusers' own processor. `release(model)` empties the memory at the end of a job.
 """
@@ -32,8 +33,19 @@ class _Texts:
     def __init__(self):
         self.entries: list[tuple[int, torch.Tensor]] = []
         self._next = 0
+        # (tensor, its version counter, key) of the last text matched: every layer of one forward gets the same
+        # tensor, so one comparison by value per forward (on a GPU, one sync) instead of one per layer
+        self.last: Optional[tuple] = None
 
     def key_of(self, text: torch.Tensor) -> int:
+        version = _version(text)
+        if self.last is not None and self.last[0] is text and version is not None and self.last[1] == version:
+            return self.last[2]
+        key = self._match(text)
+        self.last = (text, version, key)
+        return key
+
+    def _match(self, text: torch.Tensor) -> int:
         for key, kept in self.entries:
             if kept.shape == text.shape and kept.dtype == text.dtype and kept.device == text.device \
                     and torch.equal(kept, text):
@@ -41,6 +53,10 @@ class _Texts:
         self._next += 1
         self.entries = [(self._next, text.detach().clone())] + self.entries[:_KEEP - 1]
         return self._next
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.last = None
 
     def live(self) -> set:
         return {key for key, _ in self.entries}
@@ -82,6 +98,14 @@ class TextKeysProcessor:
         return self.kept[key][1], self.kept[key][2]
 
 
+def _version(tensor: torch.Tensor) -> Optional[int]:
+    """The tensor's in-place-write counter; None for inference tensors, which keep none (compared every time)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
+
+
 def _plain_layer(attn: Attention) -> bool:
     return (type(attn.processor) is AttnProcessor2_0 and attn.spatial_norm is None and attn.group_norm is None
             and attn.norm_q is None and attn.norm_k is None and not attn.residual_connection
@@ -108,4 +132,4 @@ def release(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, Attention) and isinstance(module.processor, TextKeysProcessor):
             module.processor.kept.clear()
-            module.processor.texts.entries.clear()
+            module.processor.texts.clear()

@@ -96,3 +96,24 @@ def test_layers_with_norms_or_rescaling_keep_diffusers_processor():
     assert [type(m.processor) for m in unusual] == [AttnProcessor2_0] * 3
     assert isinstance(plain.processor, TextKeysProcessor)
     assert control_attention._KEEP >= 2  # cond and uncond calls of a WebUI job must not evict each other
+
+
+def test_a_text_is_compared_once_per_forward_unless_it_keeps_no_version(monkeypatch):
+    model = tiny_models.tiny_controlnet("sd15")
+    keep_text_keys(model)
+    cross = sum(isinstance(m, Attention) and m.is_cross_attention for m in model.modules())
+    matches = []
+    original = control_attention._Texts._match
+    monkeypatch.setattr(control_attention._Texts, "_match", lambda self, text: matches.append(1) or original(self, text))
+    x, text, kwargs = _inputs(model, 0)
+    with torch.no_grad():  # the WebUI's sampling: tensors keep their version counters
+        _outputs(model, x, text, kwargs)
+        _outputs(model, x, text, kwargs)
+        text.add_(1.0)  # written in place between steps: compared again, new keys
+        after = _outputs(model, x, text, kwargs)
+    assert cross > 1 and len(matches) == 2
+    with torch.inference_mode():  # inference tensors keep no counter: every layer compares
+        frozen = text.clone()
+        for a, b in zip(_outputs(model, x, frozen, kwargs), after):
+            assert torch.equal(a, b)
+    assert len(matches) == 2 + cross
