@@ -26,6 +26,25 @@ import lib_controlnet  # noqa: E402,F401  (repairs torchvision where needed)
 
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run ~10x faster on one thread on a shared 2-core machine, where two threads fight the other
+    jobs; the previous count is restored after the module. Modules take it with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture()
+def no_grad():
+    """Each test under torch.no_grad() (a module-level set_grad_enabled(False) would leak into every later test)."""
+    with torch.no_grad():
+        yield
 
 
 @pytest.fixture()

@@ -78,12 +78,3 @@ def unit(**fields) -> ControlUnit:
 
 def clone(module):
     return copy.deepcopy(module)
-
-
-def one_thread():
-    """Module-scoped fixture body: tiny models run ~10x faster on one thread on this shared 2-core machine,
-    where two threads fight the other jobs; the previous count is restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

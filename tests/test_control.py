@@ -2,20 +2,14 @@
 import pytest
 import torch
 
-from control_fixtures import diffusers_pair, inputs, one_thread, unit
+from control_fixtures import diffusers_pair, inputs, unit
 from lib_controlnet.control import ControlError, ControlJob, Controller, PreparedUnit, RowLayout
 from lib_controlnet.hosts import diffusers as host
 from lib_controlnet.unit import ControlMode, HiResFixOption
 
 STEPS = 10
 
-_threads = pytest.fixture(scope="module", autouse=True)(one_thread)
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():  # a module-level set_grad_enabled(False) would leak into every later test
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "no_grad")
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,13 @@ import pytest
 import torch
 from PIL import Image
 
-from control_fixtures import one_thread
 from tiny_checkpoint import write_tiny_single_file
 from lib_controlnet import images, tiny_models
 from lib_controlnet.cli import main
 from lib_controlnet.infotext import parse_infotext, units_from_params
 from lib_controlnet.unit import ResizeMode
 
-_threads = pytest.fixture(scope="module", autouse=True)(one_thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SEED, STEPS = 7, 3
 
 

@@ -2,19 +2,13 @@
 import pytest
 import torch
 
-from control_fixtures import diffusers_pair, inputs, ldm_unet_like, one_thread, unit
+from control_fixtures import diffusers_pair, inputs, ldm_unet_like, unit
 from lib_controlnet.control import ControlJob, Controller, PreparedUnit, RowLayout
 from lib_controlnet.control_forward import added_embedding_input
 from lib_controlnet.hosts import ldm as host
 from lib_controlnet.unit import ControlMode
 
-_threads = pytest.fixture(scope="module", autouse=True)(one_thread)
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():  # a module-level set_grad_enabled(False) would leak into every later test
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "no_grad")
 
 
 class InterruptedException(BaseException):

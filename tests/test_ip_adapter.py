@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from control_fixtures import diffusers_pair, inputs, ldm_unet_like, one_thread, unit
+from control_fixtures import diffusers_pair, inputs, ldm_unet_like, unit
 from annotators import clip_vision
 from lib_controlnet import tiny_models
 from lib_controlnet.control import ControlError, ControlJob, Controller, PreparedUnit, RowLayout
@@ -17,14 +17,8 @@ from lib_controlnet.hosts import diffusers as diffusers_host, ldm as ldm_host
 from lib_controlnet.models import ModelFileError, kind_of_file, load_control_model
 from lib_controlnet.settings import get_settings, update_settings
 
-_threads = pytest.fixture(scope="module", autouse=True)(one_thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "no_grad")
 ENCODER_WIDTH, ENCODER_EMBEDS = 32, 24  # the tiny tower's hidden and projection widths
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from control_fixtures import diffusers_pair, inputs, ldm_unet_like, one_thread, unit
+from control_fixtures import diffusers_pair, inputs, ldm_unet_like, unit
 from annotators import clip_vision, face_embedding
 from lib_controlnet import tiny_models
 from lib_controlnet.control import ControlError, ControlJob, Controller, PreparedUnit, RowLayout
@@ -23,15 +23,9 @@ from lib_controlnet.models import load_control_model
 from lib_controlnet.models.kinds.base_unet import ldm_modules
 from lib_controlnet.settings import get_settings, update_settings
 
-_threads = pytest.fixture(scope="module", autouse=True)(one_thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "no_grad")
 FIXTURES = Path(__file__).parent / "fixtures" / "insightface" / "buffalo_l"
 CLIP_WIDTH = 32  # the tiny tower's hidden width (ViT-H's is 1280)
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from control_fixtures import diffusers_pair, inputs, ldm_unet_like, one_thread, unit
+from control_fixtures import diffusers_pair, inputs, ldm_unet_like, unit
 from kind_files import RANK, reference_state, write_control_lora
 from lib_controlnet.control import ControlJob, Controller, PreparedUnit
 from lib_controlnet.control_forward import added_embedding_input
@@ -18,13 +18,7 @@ from lib_controlnet.models import unet_diffusers_to_ldm
 from lib_controlnet.models.kinds import CONTROLNET
 from lib_controlnet.models.kinds.control_lora import CONTROL_LORA, MERGED
 
-_threads = pytest.fixture(scope="module", autouse=True)(one_thread)
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "no_grad")
 
 
 @pytest.fixture(scope="module")

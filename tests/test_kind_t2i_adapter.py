@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from control_fixtures import diffusers_pair, inputs, ldm_unet_like, one_thread, unit
+from control_fixtures import diffusers_pair, inputs, ldm_unet_like, unit
 from lib_controlnet.control import ControlError, ControlJob, Controller, PreparedUnit, RowLayout
 from lib_controlnet.control_forward import added_embedding_input
 from lib_controlnet.hosts import diffusers as diffusers_host
@@ -13,13 +13,7 @@ from lib_controlnet.hosts import ldm as ldm_host
 from lib_controlnet.models import ModelFileError, kind_of_file, load_control_model
 from lib_controlnet.models.kinds import T2I_ADAPTER
 
-_threads = pytest.fixture(scope="module", autouse=True)(one_thread)
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "no_grad")
 
 
 def _adapter(seed, **config):

@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from control_fixtures import one_thread
 from lib_controlnet.control import ControlError, ControlJob, Controller, PreparedUnit, RowLayout
 from lib_controlnet.hosts import diffusers as diffusers_host
 from lib_controlnet.models import ModelFileError, kind_of_file, load_control_model
@@ -24,13 +23,7 @@ from lib_controlnet.unit import ControlUnit, ControlUnitError, UnionControlType
 DATA = Path(__file__).parent / "data"
 FOLDER = DATA / "union_promax_tiny"
 CASES = {"hard_edge": ([3], [0]), "depth_and_tile": ([1, 6], [1, 2]), "inpaint": ([7], [3])}
-_threads = pytest.fixture(scope="module", autouse=True)(one_thread)
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "no_grad")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from control_fixtures import diffusers_pair, one_thread, unit
+from control_fixtures import diffusers_pair, unit
 from annotators import clip_vision
 from lib_controlnet import tiny_models
 from lib_controlnet.control import ControlJob, PreparedUnit
@@ -17,7 +17,7 @@ from lib_controlnet.models import load_control_model
 from lib_controlnet.settings import get_settings, update_settings
 from lib_controlnet.unit import ControlUnit
 
-_threads = pytest.fixture(scope="module", autouse=True)(one_thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture()

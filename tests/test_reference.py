@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from control_fixtures import diffusers_pair, inputs, ldm_unet_like, one_thread
+from control_fixtures import diffusers_pair, inputs, ldm_unet_like
 from lib_controlnet.control import ControlJob, Controller, PreparedUnit, RowLayout
 from lib_controlnet.control_forward import added_embedding_input
 from lib_controlnet.hosts import diffusers as diffusers_host
@@ -13,18 +13,12 @@ from lib_controlnet.hosts import ldm as ldm_host
 from lib_controlnet.reference import ReferenceModel, style_fidelity
 from lib_controlnet.unit import ControlMode, ControlUnit
 
-_threads = pytest.fixture(scope="module", autouse=True)(one_thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "no_grad")
 MODES = ("reference_only", "reference_adain", "reference_adain+attn")
 ALPHAS = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2, 0)  # SD's scaled-linear
 SEED = 11
 WEBUI_ROWS = RowLayout((True, False), (0, 0))  # the WebUI batches the conditional row first
 UC = [1]
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
 
 
 def encode(images):

@@ -12,10 +12,9 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from control_fixtures import one_thread
 from lib_controlnet.cli import main
 
-_threads = pytest.fixture(scope="module", autouse=True)(one_thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SAMPLE_STEPS = 2
 
 

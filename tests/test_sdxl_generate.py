@@ -6,12 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from control_fixtures import one_thread
 from tiny_checkpoint import write_tiny_sdxl_single_file
 from lib_controlnet import tiny_models
 from lib_controlnet.cli import main
 
-_threads = pytest.fixture(scope="module", autouse=True)(one_thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SEED, STEPS, PROMPT, NEGATIVE = 5, 3, "a red house", "blurry"
 
 

@@ -8,21 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from control_fixtures import diffusers_pair, inputs, ldm_unet_like, one_thread, unit
+from control_fixtures import diffusers_pair, inputs, ldm_unet_like, unit
 from annotators import clip_vision
 from lib_controlnet.control import ControlError, ControlJob, Controller, PreparedUnit, RowLayout
 from lib_controlnet.hosts import diffusers as diffusers_host, ldm as ldm_host
 from lib_controlnet.models import ModelFileError, kind_of_file, load_control_model
 from lib_controlnet.settings import get_settings, update_settings
 
-_threads = pytest.fixture(scope="module", autouse=True)(one_thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "no_grad")
 WIDTH, TOKENS, DEPTH, HEADS = 32, 4, 2, 8  # HEADS: TencentARC's, not in the file
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
 
 
 @pytest.fixture(scope="module")

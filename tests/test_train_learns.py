@@ -4,7 +4,6 @@ registry; `export CKPT OUT` and the report work."""
 import json
 
 import pytest
-import torch
 from safetensors import safe_open
 
 from lib_controlnet.tiny_models import save_tiny_diffusers_base
@@ -19,16 +18,7 @@ STEPS = 60
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    # The CI box has 2 cores shared by parallel jobs; one intra-op thread avoids OpenMP oversubscription stalls.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, one_thread):
+def trained(tmp_path_factory, one_torch_thread):
     root = tmp_path_factory.mktemp("train_learns")
     save_tiny_diffusers_base(root / "base")
     write_folder_pair(root / "train", 32, seed=1)

@@ -9,11 +9,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from control_fixtures import one_thread
 from tiny_checkpoint import _ldm_vae, write_tiny_sdxl_single_file
 from lib_controlnet.cli import main
 
-_threads = pytest.fixture(scope="module", autouse=True)(one_thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 PROMPT, STEPS = "a red house", 2
 
 

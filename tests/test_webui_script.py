@@ -20,13 +20,7 @@ STANDIN = Path(__file__).resolve().parent / "webui_standin"
 MODEL_STEM = "control_sd15_canny_tiny"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On this shared 2-core machine two torch threads run the tiny UNet ~25x slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # two threads ran the tiny UNet ~25x slower here
 
 
 @pytest.fixture(scope="module")

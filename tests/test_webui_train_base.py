@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from control_fixtures import ldm_unet_like, one_thread
+from control_fixtures import ldm_unet_like
 from lib_controlnet.errors import UserError
 from lib_controlnet.tiny_models import save_tiny_diffusers_base
 from lib_controlnet.train.config import TrainConfig
@@ -17,7 +17,7 @@ from lib_controlnet.train.synthetic import write_folder_pair
 from tiny_checkpoint import write_tiny_single_file
 from webui_standin.activate import standin_webui
 
-_threads = pytest.fixture(scope="module", autouse=True)(one_thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
