@@ -51,15 +51,7 @@ def no_grad():
 def annotator_dir(tmp_path):
     """An empty annotator folder with downloads off, the loaded networks and map cache cleared before and after
     (a test module may define its own, filled, `annotator_dir`)."""
-    from annotators import runtime
-    from lib_controlnet import preprocess
-    from lib_controlnet.settings import get_settings, update_settings
+    from annotator_settings import annotator_folder
 
-    saved = (get_settings().annotator_models_path, get_settings().allow_annotator_downloads)
-    update_settings(annotator_models_path=tmp_path, allow_annotator_downloads=False)
-    runtime.unload_all()
-    preprocess.clear_cache()
-    yield tmp_path
-    update_settings(annotator_models_path=saved[0], allow_annotator_downloads=saved[1])
-    runtime.unload_all()
-    preprocess.clear_cache()
+    with annotator_folder(tmp_path, allow_annotator_downloads=False):
+        yield tmp_path

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import skimage.data
 
+from annotator_settings import annotator_folder
 from annotators import random_weights, runtime
 from annotators.runtime import aux_module
 from lib_controlnet import preprocess
-from lib_controlnet.settings import get_settings, update_settings
+from lib_controlnet.settings import update_settings
 
 pytestmark = [pytest.mark.skipif(os.environ.get("CONTROLNET_SKIP_HEAVY") == "1",
                                  reason="CONTROLNET_SKIP_HEAVY=1 leaves out the heavy annotator networks"),
@@ -26,14 +27,9 @@ IMAGE = cv2.resize(skimage.data.astronaut(), (192, 192), interpolation=cv2.INTER
 @pytest.fixture(scope="module")
 def weights_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("heavy_annotators")
-    saved = get_settings().annotator_models_path, get_settings().annotator_precision
     # float32: the precision whose maps equal controlnet-aux's
-    update_settings(annotator_models_path=directory, annotator_precision="float32")
-    runtime.unload_all()
-    yield directory
-    update_settings(annotator_models_path=saved[0], annotator_precision=saved[1])
-    runtime.unload_all()
-    preprocess.clear_cache()
+    with annotator_folder(directory, annotator_precision="float32"):
+        yield directory
 
 
 def _same(ours, theirs, off_by_one: float = 1e-3):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import skimage.data
 
+from annotator_settings import annotator_folder
 from annotators import random_weights, runtime
 from annotators.runtime import aux_module
 from annotators.weights import AnnotatorWeightsError
@@ -32,16 +33,9 @@ def weights_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("annotators")
     random_weights.write(directory, LIGHT)
     random_weights.write_segmentation(directory)
-    saved = (get_settings().annotator_models_path, get_settings().allow_annotator_downloads,
-             get_settings().annotator_precision)
     # float32: the precision whose maps equal controlnet-aux's (bfloat16 has tests of its own below)
-    update_settings(annotator_models_path=directory, allow_annotator_downloads=False, annotator_precision="float32")
-    runtime.unload_all()
-    preprocess.clear_cache()
-    yield directory
-    update_settings(annotator_models_path=saved[0], allow_annotator_downloads=saved[1], annotator_precision=saved[2])
-    runtime.unload_all()
-    preprocess.clear_cache()
+    with annotator_folder(directory, allow_annotator_downloads=False, annotator_precision="float32"):
+        yield directory
 
 
 def _aux(module, cls, directory, **kw):

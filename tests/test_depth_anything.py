@@ -6,10 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from annotator_settings import annotator_folder
 from annotators import random_weights, runtime
 from annotators.weights import AnnotatorWeightsError
 from lib_controlnet import preprocess
-from lib_controlnet.settings import get_settings, update_settings
+from lib_controlnet.settings import update_settings
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 sys.path.insert(0, str(FIXTURES))
@@ -23,13 +24,8 @@ def tiny_state():
 
 @pytest.fixture()
 def folder(tmp_path):
-    before = (get_settings().annotator_models_path, get_settings().annotator_precision)
-    update_settings(annotator_models_path=tmp_path, annotator_precision="float32")
-    runtime.unload_all()
-    preprocess.clear_cache()
-    yield tmp_path
-    update_settings(annotator_models_path=before[0], annotator_precision=before[1])
-    runtime.unload_all()
+    with annotator_folder(tmp_path, annotator_precision="float32"):
+        yield tmp_path
 
 
 def test_sizes_have_the_released_parameter_counts():

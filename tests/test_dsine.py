@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from annotator_settings import annotator_folder
 from annotators import random_weights, runtime
 from annotators.weights import AnnotatorWeightsError
 from lib_controlnet import preprocess
@@ -26,12 +27,8 @@ def folder(tmp_path_factory):
     state = random_weights.dsine(tiny=True)["model"]
     (directory / "normal_dsine").mkdir()
     torch.save({"model": {f"module.{k}": v for k, v in state.items()}}, directory / "normal_dsine" / "dsine.pt")
-    saved = get_settings().annotator_models_path
-    update_settings(annotator_models_path=directory)
-    runtime.unload_all()
-    yield directory
-    update_settings(annotator_models_path=saved)
-    runtime.unload_all()
+    with annotator_folder(directory):
+        yield directory
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 
 import dwpose_reference as reference
+from annotator_settings import annotator_folder
 from annotators import dwpose, random_onnx
 from annotators.runtime import unload_all
 from annotators.weights import AnnotatorWeightsError
 from lib_controlnet import preprocess
 from lib_controlnet.cli import main
-from lib_controlnet.settings import get_settings, update_settings
+from lib_controlnet.settings import update_settings
 
 
 def _scene(height=512, width=640, noise=True):
@@ -34,12 +35,8 @@ def _scene(height=512, width=640, noise=True):
 def onnx_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("onnx")
     random_onnx.write(directory)
-    saved = get_settings().annotator_models_path, get_settings().allow_annotator_downloads
-    update_settings(annotator_models_path=directory, allow_annotator_downloads=False)
-    unload_all()
-    yield directory
-    unload_all()
-    update_settings(annotator_models_path=saved[0], allow_annotator_downloads=saved[1])
+    with annotator_folder(directory, allow_annotator_downloads=False):
+        yield directory
 
 
 # ---------------------------------------------------------------- people

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from annotator_settings import annotator_folder
 from control_fixtures import diffusers_pair, inputs, ldm_unet_like, unit
 from annotators import clip_vision
 from lib_controlnet import tiny_models
@@ -24,13 +25,9 @@ ENCODER_WIDTH, ENCODER_EMBEDS = 32, 24  # the tiny tower's hidden and projection
 @pytest.fixture(scope="module")
 def annotator_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("annotators")
-    saved = get_settings().annotator_models_path
-    update_settings(annotator_models_path=str(root))
     clip_vision.random_encoder_file(root, "clip_h", hidden_size=ENCODER_WIDTH, projection_dim=ENCODER_EMBEDS)
-    clip_vision._cache.clear()
-    yield root
-    clip_vision._cache.clear()
-    update_settings(annotator_models_path=saved)
+    with annotator_folder(str(root)):
+        yield root
 
 
 @pytest.fixture(scope="module", params=["sd15", "sdxl"])

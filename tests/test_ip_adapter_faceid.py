@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from annotator_settings import annotator_folder
 from control_fixtures import diffusers_pair, inputs, ldm_unet_like, unit
 from annotators import face_embedding
 from lib_controlnet import tiny_models
@@ -28,10 +29,8 @@ FIXTURES = Path(__file__).parent / "fixtures" / "insightface" / "buffalo_l"
 def annotator_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("annotators")
     shutil.copytree(FIXTURES, root / "insightface" / "models" / "buffalo_l")  # the other extension's layout
-    saved = get_settings().annotator_models_path
-    update_settings(annotator_models_path=str(root))
-    yield root
-    update_settings(annotator_models_path=saved)
+    with annotator_folder(str(root)):
+        yield root
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from annotator_settings import annotator_folder
 from control_fixtures import diffusers_pair, inputs, ldm_unet_like, unit
 from annotators import clip_vision, face_embedding
 from lib_controlnet import tiny_models
@@ -21,7 +22,6 @@ from lib_controlnet.hosts import diffusers as diffusers_host, ldm as ldm_host
 from lib_controlnet.ip_attention import _encoder_name, attention_layers
 from lib_controlnet.models import load_control_model
 from lib_controlnet.models.kinds.base_unet import ldm_modules
-from lib_controlnet.settings import get_settings, update_settings
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "no_grad")
 FIXTURES = Path(__file__).parent / "fixtures" / "insightface" / "buffalo_l"
@@ -33,12 +33,8 @@ def annotator_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("annotators")
     shutil.copytree(FIXTURES, root / "insightface" / "models" / "buffalo_l")
     clip_vision.random_encoder_file(root, "clip_h", hidden_size=CLIP_WIDTH, projection_dim=1024)
-    saved = get_settings().annotator_models_path
-    update_settings(annotator_models_path=str(root))
-    clip_vision._cache.clear()
-    yield root
-    clip_vision._cache.clear()
-    update_settings(annotator_models_path=saved)
+    with annotator_folder(str(root)):
+        yield root
 
 
 @pytest.fixture(scope="module")

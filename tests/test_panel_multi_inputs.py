@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from annotator_settings import annotator_folder
 from control_fixtures import diffusers_pair, unit
 from annotators import clip_vision
 from lib_controlnet import tiny_models
@@ -14,7 +15,6 @@ from lib_controlnet.control import ControlJob, PreparedUnit
 from lib_controlnet.control_units import prepare_units
 from lib_controlnet.ip_attention import image_tokens
 from lib_controlnet.models import load_control_model
-from lib_controlnet.settings import get_settings, update_settings
 from lib_controlnet.unit import ControlUnit
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -22,13 +22,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture()
 def annotator_dir(tmp_path):
-    saved = get_settings().annotator_models_path
-    update_settings(annotator_models_path=str(tmp_path / "annotators"))
     clip_vision.random_encoder_file(tmp_path / "annotators", "clip_h", hidden_size=32, projection_dim=24)
-    clip_vision._cache.clear()
-    yield
-    clip_vision._cache.clear()
-    update_settings(annotator_models_path=saved)
+    with annotator_folder(str(tmp_path / "annotators")):
+        yield
 
 
 def test_multi_inputs_upload_is_the_units_image_list(annotator_dir, tmp_path):

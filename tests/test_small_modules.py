@@ -7,10 +7,10 @@ import pytest
 import skimage.data
 import torch
 
-from annotators import manga_line, random_weights, runtime
+from annotator_settings import annotator_folder
+from annotators import manga_line, random_weights
 from annotators.runtime import aux_module
 from lib_controlnet import preprocess
-from lib_controlnet.settings import get_settings, update_settings
 
 IMAGE = cv2.resize(skimage.data.astronaut(), (64, 64), interpolation=cv2.INTER_AREA)
 
@@ -23,12 +23,8 @@ def weights_dir(tmp_path_factory):
     state = manga_line.network().state_dict()
     # as copies saved from nn.DataParallel hold it: `module.` before every key
     torch.save({f"module.{k}": v for k, v in state.items()}, directory / "erika.pth")
-    saved = get_settings().annotator_models_path, get_settings().annotator_precision
-    update_settings(annotator_models_path=directory, annotator_precision="float32")
-    runtime.unload_all()
-    yield directory
-    update_settings(annotator_models_path=saved[0], annotator_precision=saved[1])
-    runtime.unload_all()
+    with annotator_folder(directory, annotator_precision="float32"):
+        yield directory
 
 
 def test_manga_line_network_has_the_released_key_layout():

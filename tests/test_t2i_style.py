@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from annotator_settings import annotator_folder
 from control_fixtures import diffusers_pair, inputs, ldm_unet_like, unit
 from annotators import clip_vision
 from lib_controlnet.control import ControlError, ControlJob, Controller, PreparedUnit, RowLayout
 from lib_controlnet.hosts import diffusers as diffusers_host, ldm as ldm_host
 from lib_controlnet.models import ModelFileError, kind_of_file, load_control_model
-from lib_controlnet.settings import get_settings, update_settings
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "no_grad")
 WIDTH, TOKENS, DEPTH, HEADS = 32, 4, 2, 8  # HEADS: TencentARC's, not in the file
@@ -22,17 +22,13 @@ WIDTH, TOKENS, DEPTH, HEADS = 32, 4, 2, 8  # HEADS: TencentARC's, not in the fil
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("annotators")
-    saved = get_settings().annotator_models_path
-    update_settings(annotator_models_path=str(root))
     clip_vision.random_encoder_file(root, "clip_vitl", hidden_size=WIDTH, projection_dim=24)
-    clip_vision._cache.clear()
     unet, _ = diffusers_pair("sd15")
     state = _style_state(unet.config.cross_attention_dim)
     path = root / "t2iadapter_style_sd14v1.pth"
     torch.save(state, path)
-    yield dict(unet=unet, ldm=ldm_unet_like(unet, "sd15"), data=inputs("sd15"), state=state, path=path)
-    clip_vision._cache.clear()
-    update_settings(annotator_models_path=saved)
+    with annotator_folder(str(root)):
+        yield dict(unet=unet, ldm=ldm_unet_like(unet, "sd15"), data=inputs("sd15"), state=state, path=path)
 
 
 def _style_state(context_dim: int, seed: int = 3) -> dict:

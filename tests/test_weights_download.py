@@ -6,12 +6,13 @@ import urllib.request
 
 import numpy as np
 import pytest
+from annotator_settings import annotator_folder
 from servers import serve
 
-from annotators import download, random_weights, runtime, weights
+from annotators import download, random_weights, weights
 from annotators.weights import AnnotatorWeightsError
 from lib_controlnet import preprocess
-from lib_controlnet.settings import Settings, get_settings, update_settings
+from lib_controlnet.settings import Settings
 
 IMAGE = (np.arange(64 * 64 * 3) % 251).astype(np.uint8).reshape(64, 64, 3)
 
@@ -31,12 +32,8 @@ def hub(tmp_path_factory):
 def online(tmp_path, monkeypatch):
     """Downloads allowed, HF_HUB_OFFLINE lifted (the suite sets it), a fresh annotator folder."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    saved = get_settings().annotator_models_path, get_settings().allow_annotator_downloads
-    update_settings(annotator_models_path=tmp_path, allow_annotator_downloads=True)
-    runtime.unload_all()
-    yield tmp_path
-    update_settings(annotator_models_path=saved[0], allow_annotator_downloads=saved[1])
-    runtime.unload_all()
+    with annotator_folder(tmp_path, allow_annotator_downloads=True):
+        yield tmp_path
 
 
 def _log(url):
