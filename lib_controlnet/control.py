@@ -16,13 +16,13 @@ from typing import Any, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from lib_controlnet import control_union
+from lib_controlnet import control_attention, control_union
 from lib_controlnet.control_forward import (adapter_features, added_embedding_input, controlnet_residuals,
                                             hint_embedding)
-from lib_controlnet import control_attention
 from lib_controlnet.cpu_kernels import use_fastest_kernels
 from lib_controlnet.control_units import (SOFT_WEIGHT_BASE, ControlError, ControlJob, PreparedUnit,  # noqa: F401
                                           prepare_units)
+from lib_controlnet.hook_handles import removed_on_error
 from lib_controlnet.models.kinds import ENCODER_FEATURES, RESIDUALS
 from lib_controlnet.models.kinds import ATTENTION, AttentionCall
 from lib_controlnet.models.kinds import REFERENCE
@@ -295,7 +295,7 @@ class Controller:
         AttentionCall for the call under way. The host removes the returned handles with its own."""
         handles: list = []
         modules = None
-        try:
+        with removed_on_error(handles, on_error=self._attached.clear):
             for prepared in self.units:
                 if prepared.kind.control == ATTENTION:
                     modules = modules if modules is not None else modules_of()
@@ -305,11 +305,6 @@ class Controller:
                     key = id(prepared)
                     handles += prepared.kind.attach(model, modules, lambda key=key: current(key))
                     self._attached.add(key)
-        except BaseException:
-            for handle in handles:
-                handle.remove()
-            self._attached.clear()
-            raise
         return handles
 
     def _attention_call(self, prepared: PreparedUnit, call: UNetCall, rows: RowLayout, selection) -> AttentionCall:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from lib_controlnet.control_units import ControlError, PreparedUnit
+from lib_controlnet.hook_handles import removed_on_error
 
 _SECTIONS = {"input_blocks": 0, "output_blocks": 1, "middle_block": 2}
 FACE_ENCODER = "face_id"  # the preprocessors' name for insightface's identity embedding (annotators.face_embedding)
@@ -202,7 +203,7 @@ def attach(adapter, modules: dict, current, name: str = "IP-Adapter") -> list:
         raise ControlError(f"IP-Adapter '{name}' has {len(adapter.to_k_ip)} cross-attention layers but this UNet "
                            f"has {len(cross)}: it was made for another base model (SD1.5 / SDXL).")
     handles, rows, queries = [], _Rows(), {}
-    try:
+    with removed_on_error(handles):
         if adapter.lora is not None:
             everything = attention_layers(modules, ("attn1", "attn2"))
             if len(everything) != len(adapter.lora):
@@ -217,10 +218,6 @@ def attach(adapter, modules: dict, current, name: str = "IP-Adapter") -> list:
             handles.append(attention.to_q.register_forward_hook(_query_hook(current, queries, layer)))
             handles.append(attention.to_out[0].register_forward_pre_hook(
                 _output_hook(adapter, current, queries, rows, layer, attention.heads)))
-    except BaseException:
-        for handle in handles:
-            handle.remove()
-        raise
     return handles
 
 

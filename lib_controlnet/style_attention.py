@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from lib_controlnet.control_units import ControlError, PreparedUnit
+from lib_controlnet.hook_handles import removed_on_error
 from lib_controlnet.ip_attention import attention_layers
 
 ENCODER = "clip_vitl"  # the tower the released style model was trained on (annotators.clip_vision)
@@ -60,15 +61,10 @@ def attach(adapter, modules: dict, current, name: str = "T2I-Adapter style") -> 
         raise ControlError(f"{name} model gives {adapter.context_dim}-wide tokens but this UNet's text context is "
                            f"{'/'.join(map(str, sorted(widths)))} wide: it was made for SD1.5.")
     rows = _Rows()
-    handles = []
-    try:
+    with removed_on_error([]) as handles:
         for attention in cross:
             for projection in (attention.to_k, attention.to_v):
                 handles.append(projection.register_forward_hook(_append_hook(current, rows)))
-    except BaseException:
-        for handle in handles:
-            handle.remove()
-        raise
     return handles
 
 

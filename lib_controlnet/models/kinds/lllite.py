@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lib_controlnet.hook_handles import removed_on_error
 from lib_controlnet.models.errors import ModelFileError
 from lib_controlnet.models.kinds.base import ATTENTION, FileKeys, Kind
 from lib_controlnet.models.loading import read_tensors
@@ -214,7 +215,7 @@ class LLLiteKind(Kind):
         if missing:
             raise misfit(f"its UNet has no layer {missing[0][len(PREFIX):]}")
         handles = []
-        try:
+        with removed_on_error(handles):
             for target, module in zip(model.targets, model.blocks):
                 layer = by_spelling[target]
                 want = layer.in_features if isinstance(layer, torch.nn.Linear) else getattr(layer, "in_channels", None)
@@ -222,10 +223,6 @@ class LLLiteKind(Kind):
                     raise misfit(f"its layer {target[len(PREFIX):]} takes {want} channels, the module gives "
                                  f"{module.up[0].weight.shape[0]}")
                 handles.append(layer.register_forward_pre_hook(_hook(module, current)))
-        except BaseException:
-            for handle in handles:
-                handle.remove()
-            raise
         return handles
 
 
