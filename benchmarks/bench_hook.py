@@ -210,6 +210,25 @@ def hook_overhead(components, controlnet, args) -> float:
     return statistics.median(hooked[1:]) / statistics.median(parts[1:])
 
 
+def controlnet_main(args, components, controlnet, hint, hint_pil) -> None:
+    """The three ratios of the module docstring for one ControlNet."""
+    ours_controlnet = pipeline_steps.ours_copy(controlnet)  # the pipeline keeps the untouched model
+    overhead = hook_overhead(components, ours_controlnet, args)
+    results = {"pipe": [], "ours": [], "pipe_guess": [], "ours_control": []}
+    for _ in range(args.repeats):
+        results["pipe"].append(time_pipeline(components, controlnet, hint_pil, args, guess_mode=False))
+        results["ours"].append(time_ours(components, ours_controlnet, hint, args, "Balanced"))
+        results["pipe_guess"].append(time_pipeline(components, controlnet, hint_pil, args, guess_mode=True))
+        results["ours_control"].append(time_ours(components, ours_controlnet, hint, args,
+                                                 "ControlNet is more important"))
+    step = {name: statistics.median(values) for name, values in results.items()}
+    print(f"per step: pipeline {step['pipe']:.3f}s, ours {step['ours']:.3f}s; guess_mode {step['pipe_guess']:.3f}s, "
+          f"ours (ControlNet is more important) {step['ours_control']:.3f}s")
+    print(f"hook overhead ratio      {overhead:.3f}  (target <= 1.02)")
+    print(f"balanced ratio           {step['ours'] / step['pipe']:.3f}  (target <= 0.95)")
+    print(f"cn-important ratio       {step['ours_control'] / step['pipe_guess']:.3f}  (target <= 1.00)")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="mid-size model instead of SD1.5 size")
@@ -230,6 +249,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.sdxl = args.sdxl or args.union
     args.repeats = args.repeats or 3
+    for flag, kind in (("control_lora", "Control-LoRA"), ("lllite", "ControlNet-LLLite")):
+        if getattr(args, flag) and not args.sdxl:
+            parser.error(f"--{flag.replace('_', '-')} needs --sdxl: {kind} models are for SDXL")
     if args.threads:
         torch.set_num_threads(args.threads)
     from diffusers.utils import logging as diffusers_logging
@@ -247,58 +269,29 @@ def main(argv=None) -> int:
           f"{sum(p.numel() for p in controlnet.parameters()) / 1e6:.0f}M params), image {args.image}x{args.image}, "
           f"{args.steps} steps x {args.repeats} rounds, {torch.get_num_threads()} threads")
     if args.control_lora:
-        if not args.sdxl:
-            parser.error("--control-lora needs --sdxl: Control-LoRA models are for SDXL")
         from benchmarks import _control_lora
 
         _control_lora.run(args, components, controlnet)
-        print(f"total {time.perf_counter() - started:.0f}s")
-        return 0
-    if args.lllite:
-        if not args.sdxl:
-            parser.error("--lllite needs --sdxl: ControlNet-LLLite models are for SDXL")
+    elif args.lllite:
         from benchmarks import _lllite
 
         _lllite.run(args, components, controlnet)
-        print(f"total {time.perf_counter() - started:.0f}s")
-        return 0
-    if args.ip_adapter:
+    elif args.ip_adapter:
         from benchmarks._ip_adapter_steps import ip_adapter_main
 
         ip_adapter_main(args, components)
-        print(f"total {time.perf_counter() - started:.0f}s")
-        return 0
-    if args.union:
+    elif args.union:
         from benchmarks import _union
 
         _union.run(args, components, controlnet, hint, hint_pil)
-        print(f"total {time.perf_counter() - started:.0f}s")
-        return 0
-    if args.reference:
+    elif args.reference:
         from benchmarks._reference_steps import reference_main
 
         reference_main(args, components, hint, hint_pil)
-        print(f"total {time.perf_counter() - started:.0f}s")
-        return 0
-    if args.adapter:
+    elif args.adapter:
         adapter_main(args, components, controlnet, hint, hint_pil)
-        print(f"total {time.perf_counter() - started:.0f}s")
-        return 0
-    ours_controlnet = pipeline_steps.ours_copy(controlnet)  # the pipeline keeps the untouched model
-    overhead = hook_overhead(components, ours_controlnet, args)
-    results = {"pipe": [], "ours": [], "pipe_guess": [], "ours_control": []}
-    for _ in range(args.repeats):
-        results["pipe"].append(time_pipeline(components, controlnet, hint_pil, args, guess_mode=False))
-        results["ours"].append(time_ours(components, ours_controlnet, hint, args, "Balanced"))
-        results["pipe_guess"].append(time_pipeline(components, controlnet, hint_pil, args, guess_mode=True))
-        results["ours_control"].append(time_ours(components, ours_controlnet, hint, args,
-                                                 "ControlNet is more important"))
-    step = {name: statistics.median(values) for name, values in results.items()}
-    print(f"per step: pipeline {step['pipe']:.3f}s, ours {step['ours']:.3f}s; guess_mode {step['pipe_guess']:.3f}s, "
-          f"ours (ControlNet is more important) {step['ours_control']:.3f}s")
-    print(f"hook overhead ratio      {overhead:.3f}  (target <= 1.02)")
-    print(f"balanced ratio           {step['ours'] / step['pipe']:.3f}  (target <= 0.95)")
-    print(f"cn-important ratio       {step['ours_control'] / step['pipe_guess']:.3f}  (target <= 1.00)")
+    else:
+        controlnet_main(args, components, controlnet, hint, hint_pil)
     print(f"total {time.perf_counter() - started:.0f}s")
     return 0
 
